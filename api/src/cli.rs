@@ -1,0 +1,57 @@
+//! Command-line flags of `sluice-api` (each also an `SLUICE_*` environment variable).
+//! Secrets are read from the environment only, so they never show in `ps`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Sluice control plane: REST API, configuration store and worker supervisor.
+#[derive(Debug, Parser)]
+#[command(name = "sluice-api", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the OpenAPI document and exit.
+    Openapi,
+}
+
+/// Flags of the API server.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address of the REST API (and, later, the worker channel).
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:9000")]
+    pub listen: SocketAddr,
+    /// Directory for the database and generated tokens (created 0700 if missing).
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
+    pub data_dir: PathBuf,
+    /// SQLite database file [default: <data-dir>/sluice.db].
+    #[arg(long, env = "SLUICE_DATABASE")]
+    pub database: Option<PathBuf>,
+    /// Managed workers to spawn on this machine.
+    #[arg(long, env = "SLUICE_WORKERS", default_value_t = 1)]
+    pub workers: u16,
+    /// HTTPS listener of managed workers.
+    #[arg(long, env = "SLUICE_WORKER_HTTPS", default_value = "0.0.0.0:8443")]
+    pub worker_https: SocketAddr,
+    /// Plain HTTP listener of managed workers (redirects to HTTPS).
+    #[arg(long, env = "SLUICE_WORKER_HTTP", default_value = "0.0.0.0:8080")]
+    pub worker_http: SocketAddr,
+    /// Port clients reach HTTPS on, for X-Forwarded-Port and redirects [default: the listener's].
+    #[arg(long, env = "SLUICE_PUBLIC_HTTPS_PORT")]
+    pub public_https_port: Option<u16>,
+}
+
+impl ServeArgs {
+    pub fn database_path(&self) -> PathBuf {
+        self.database
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("sluice.db"))
+    }
+}

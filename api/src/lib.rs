@@ -1,0 +1,200 @@
+//! `sluice-api`: the control plane. It stores hosts, certificates and backends in SQLite,
+//! compiles every change into one new versioned snapshot, and serves the REST API.
+//!
+//! [`app`] builds the whole router from an [`AppState`] so tests can drive it without a socket;
+//! [`run`] opens the store, binds the listener and serves until SIGTERM or Ctrl-C.
+
+pub mod auth;
+pub mod cli;
+pub mod commit;
+pub mod db;
+pub mod error;
+pub mod extract;
+pub mod metrics;
+pub mod openapi;
+pub mod routes;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::DefaultBodyLimit;
+use axum::middleware::from_fn_with_state;
+use axum::routing::get;
+use axum::Router;
+
+use crate::auth::{Token, TokenSource};
+use crate::cli::ServeArgs;
+use crate::db::Db;
+use crate::error::ApiError;
+use crate::extract::BODY_LIMIT;
+use crate::metrics::Metrics;
+use crate::routes::{backends, certificates, config, hosts, ops};
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub db: Arc<Db>,
+    pub admin_token: Token,
+    pub worker_token: Token,
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    pub fn new(db: Db, admin_token: Token, worker_token: Token) -> AppState {
+        AppState {
+            db: Arc::new(db),
+            admin_token,
+            worker_token,
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound {
+        what: "route",
+        id: "for this path".into(),
+    }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::bad_request("", "this method is not allowed on this path")
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route(
+            "/certificates",
+            get(certificates::list).post(certificates::create),
+        )
+        .route(
+            "/certificates/{id}",
+            get(certificates::get)
+                .put(certificates::update)
+                .delete(certificates::delete),
+        )
+        .route("/backends", get(backends::list).post(backends::create))
+        .route(
+            "/backends/{id}",
+            get(backends::get)
+                .put(backends::update)
+                .delete(backends::delete),
+        )
+        .route("/hosts", get(hosts::list).post(hosts::create))
+        .route(
+            "/hosts/{id}",
+            get(hosts::get).put(hosts::update).delete(hosts::delete),
+        )
+        .route("/config", get(config::current))
+        .route("/config/versions", get(config::history))
+        .route("/config/versions/{version}", get(config::version))
+        .route(
+            "/config/versions/{version}/restore",
+            axum::routing::post(config::restore),
+        )
+        .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(from_fn_with_state(state.clone(), metrics::observe))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// Create the data directory (0700) if needed.
+fn prepare_data_dir(args: &ServeArgs) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !args.data_dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&args.data_dir)
+            .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    }
+    Ok(())
+}
+
+fn log_token(what: &str, source: TokenSource, file: &std::path::Path) {
+    match source {
+        TokenSource::Environment => tracing::info!("{what} token taken from the environment"),
+        TokenSource::File => tracing::info!("{what} token read from {}", file.display()),
+        TokenSource::Generated => tracing::info!(
+            "{what} token generated and written to {} (mode 0600)",
+            file.display()
+        ),
+    }
+}
+
+/// Open the store and build the state, as `run` does (also used by tests).
+pub async fn open_state(args: &ServeArgs) -> anyhow::Result<AppState> {
+    prepare_data_dir(args)?;
+    let db_path = args.database_path();
+    let db = Db::open(&db_path)
+        .await
+        .with_context(|| format!("opening database {}", db_path.display()))?;
+    commit::ensure_initial_version(&db)
+        .await
+        .context("creating the first configuration version")?;
+    let (admin, admin_src) = auth::load_or_create(
+        std::env::var("SLUICE_ADMIN_TOKEN").ok(),
+        &args.data_dir,
+        "admin.token",
+    )
+    .context("loading the admin token")?;
+    log_token("admin", admin_src, &args.data_dir.join("admin.token"));
+    let (worker, worker_src) = auth::load_or_create(
+        std::env::var("SLUICE_WORKER_TOKEN").ok(),
+        &args.data_dir,
+        "worker.token",
+    )
+    .context("loading the worker token")?;
+    log_token("worker", worker_src, &args.data_dir.join("worker.token"));
+    Ok(AppState::new(db, admin, worker))
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+/// Serve the API until SIGTERM or Ctrl-C.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let state = open_state(&args).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "sluice-api listening");
+    if args.workers > 0 {
+        tracing::warn!(
+            workers = args.workers,
+            "managed workers are not built yet (see the channel issue); serving the API only"
+        );
+    }
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving the API")?;
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! `/v1/config`: the current version, the version history, and restoring an old version.
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use sluice_shared::{Config, ConfigVersion};
+use utoipa::{IntoParams, ToSchema};
+
+use super::{write_response, DryRun};
+use crate::commit::{finish, Finish};
+use crate::db::{now_text, VersionRow};
+use crate::error::{ApiError, Problem};
+use crate::extract::{ApiQuery, WriteParams};
+use crate::AppState;
+
+/// The configuration version in force.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConfigInfo {
+    pub version: ConfigVersion,
+    /// sha256 of the canonical configuration.
+    pub hash: String,
+    pub created_at: String,
+}
+
+/// One entry of the version history.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct VersionInfo {
+    pub version: ConfigVersion,
+    pub hash: String,
+    pub created_at: String,
+    /// One line saying what changed.
+    pub summary: String,
+    /// Set when this version was made by restoring an older one.
+    pub restored_from: Option<u64>,
+}
+
+impl From<VersionRow> for VersionInfo {
+    fn from(r: VersionRow) -> Self {
+        VersionInfo {
+            version: r.version,
+            hash: r.hash,
+            created_at: r.created_at,
+            summary: r.summary,
+            restored_from: r.restored_from,
+        }
+    }
+}
+
+/// A version with its whole configuration; private keys are never included.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct VersionDetail {
+    #[serde(flatten)]
+    pub info: VersionInfo,
+    pub config: Config,
+}
+
+/// Paging of the version history.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryParams {
+    /// At most this many versions (1-1000, default 100).
+    pub limit: Option<u32>,
+    /// Only versions older than this one.
+    pub before: Option<u64>,
+}
+
+fn version_etag(v: ConfigVersion) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"v{v}\"")).unwrap_or(HeaderValue::from_static("\"\""))
+}
+
+fn parse_version(raw: &str) -> Result<ConfigVersion, ApiError> {
+    raw.parse::<u64>()
+        .ok()
+        .and_then(|v| ConfigVersion::try_from(v).ok())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "version",
+                format!("`{raw}` is not a version number (1, 2, ...)"),
+            )
+        })
+}
+
+/// The current configuration version.
+#[utoipa::path(get, path = "/v1/config", tag = "config", operation_id = "get_config",
+    responses((status = 200, body = ConfigInfo, headers(("ETag" = String))),
+              (status = 401, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn current(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let row = app
+        .db
+        .current_version()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no version committed"))?;
+    let etag = version_etag(row.version);
+    let mut resp = Json(ConfigInfo {
+        version: row.version,
+        hash: row.hash,
+        created_at: row.created_at,
+    })
+    .into_response();
+    resp.headers_mut().insert(header::ETAG, etag);
+    Ok(resp)
+}
+
+/// The version history, newest first.
+#[utoipa::path(get, path = "/v1/config/versions", tag = "config", operation_id = "list_config_versions",
+    params(HistoryParams),
+    responses((status = 200, body = Vec<VersionInfo>),
+              (status = 400, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn history(
+    State(app): State<AppState>,
+    ApiQuery(params): ApiQuery<HistoryParams>,
+) -> Result<Json<Vec<VersionInfo>>, ApiError> {
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit", "must be 1 to 1000"));
+    }
+    let rows = app.db.list_versions(limit, params.before).await?;
+    Ok(Json(rows.into_iter().map(VersionInfo::from).collect()))
+}
+
+/// One version and its configuration, keys redacted.
+#[utoipa::path(get, path = "/v1/config/versions/{version}", tag = "config", operation_id = "get_config_version",
+    params(("version" = u64, Path)),
+    responses((status = 200, body = VersionDetail),
+              (status = 404, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn version(
+    State(app): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let v = parse_version(&raw)?;
+    let (row, config) = app.db.get_version(v).await?.ok_or(ApiError::NotFound {
+        what: "version",
+        id: v.to_string(),
+    })?;
+    let mut resp = Json(VersionDetail {
+        info: row.into(),
+        config: config.redacted(),
+    })
+    .into_response();
+    resp.headers_mut().insert(header::ETAG, version_etag(v));
+    Ok(resp)
+}
+
+/// Commit a new version whose configuration equals an older one.
+#[utoipa::path(post, path = "/v1/config/versions/{version}/restore", tag = "config", operation_id = "restore_config_version",
+    params(("version" = u64, Path), WriteParams),
+    responses((status = 201, body = VersionInfo, headers(("Sluice-Config-Version" = u64))),
+              (status = 200, description = "dry run, or nothing to change", body = DryRun<VersionInfo>),
+              (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 409, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn restore(
+    State(app): State<AppState>,
+    Path(raw): Path<String>,
+    params: WriteParams,
+) -> Result<Response, ApiError> {
+    let v = parse_version(&raw)?;
+    let mut tx = app.db.begin_write().await?;
+    let (_, config) = tx.version(v).await?.ok_or(ApiError::NotFound {
+        what: "version",
+        id: v.to_string(),
+    })?;
+    for cert in &config.certificates {
+        if tx.key_pem(&cert.key_sha256).await?.is_none() {
+            return Err(ApiError::Conflict {
+                detail: format!(
+                    "the private key of certificate `{}` in version {v} is no longer stored",
+                    cert.name
+                ),
+                errors: vec![],
+            });
+        }
+    }
+    tx.replace_config(&config, &now_text()).await?;
+    let outcome = finish(
+        tx,
+        Finish {
+            dry_run: params.dry_run,
+            restored_from: Some(v),
+            ..Finish::default()
+        },
+    )
+    .await?;
+    // After a commit the newest version is ours (we held the write lock until it was done).
+    let info = match outcome.dry_run {
+        true => None,
+        false => app.db.current_version().await?.map(VersionInfo::from),
+    };
+    let status = if outcome.committed {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(write_response(status, &outcome, info, None))
+}
