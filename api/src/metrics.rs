@@ -40,7 +40,9 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("sluice_api");
         let requests = Family::<RequestLabels, Counter>::default();
         let duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
+            Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ])
         });
         let config_version = Gauge::default();
         registry.register("http_requests", "HTTP requests answered", requests.clone());

@@ -33,16 +33,26 @@ impl Reply {
     pub fn fields(&self) -> Vec<String> {
         self.body["errors"]
             .as_array()
-            .map(|a| a.iter().map(|e| e["field"].as_str().unwrap_or("").to_owned()).collect())
+            .map(|a| {
+                a.iter()
+                    .map(|e| e["field"].as_str().unwrap_or("").to_owned())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     pub fn header(&self, name: &str) -> String {
-        self.headers.get(name).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
     }
 
     pub fn id(&self) -> String {
-        self.body["id"].as_str().expect("response has an id").to_owned()
+        self.body["id"]
+            .as_str()
+            .expect("response has an id")
+            .to_owned()
     }
 
     /// Assert the status and that a problem names `field`.
@@ -65,9 +75,14 @@ impl TestApi {
     pub async fn new() -> TestApi {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("t.db")).await.unwrap();
-        sluice_api::commit::ensure_initial_version(&db).await.unwrap();
+        sluice_api::commit::ensure_initial_version(&db)
+            .await
+            .unwrap();
         let state = AppState::new(db, Token::new(TOKEN), Token::new("worker"));
-        TestApi { state, _dir: Some(dir) }
+        TestApi {
+            state,
+            _dir: Some(dir),
+        }
     }
 
     /// Another handle on the same API (the first one keeps the directory alive).
@@ -77,31 +92,52 @@ impl TestApi {
 
     /// Send a raw request; every response body is checked for private keys.
     pub async fn raw(&self, req: Request<Body>) -> Reply {
-        let resp = sluice_api::app(self.state.clone()).oneshot(req).await.unwrap();
+        let resp = sluice_api::app(self.state.clone())
+            .oneshot(req)
+            .await
+            .unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         let text = String::from_utf8_lossy(&bytes);
-        assert!(!text.contains("PRIVATE KEY"), "a response leaked a private key: {text}");
+        assert!(
+            !text.contains("PRIVATE KEY"),
+            "a response leaked a private key: {text}"
+        );
         let body = if bytes.is_empty() {
             Value::Null
         } else {
             serde_json::from_slice(&bytes).unwrap_or(Value::String(text.into_owned()))
         };
-        Reply { status, headers, body }
+        Reply {
+            status,
+            headers,
+            body,
+        }
     }
 
     pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Reply {
         self.call_with(method, path, body, &[]).await
     }
 
-    pub async fn call_with(&self, method: Method, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> Reply {
-        let mut req = Request::builder().method(method).uri(path).header("authorization", format!("Bearer {TOKEN}"));
+    pub async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {TOKEN}"));
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         let req = match body {
-            Some(b) => req.header("content-type", "application/json").body(Body::from(b.to_string())),
+            Some(b) => req
+                .header("content-type", "application/json")
+                .body(Body::from(b.to_string())),
             None => req.body(Body::empty()),
         };
         self.raw(req.unwrap()).await
@@ -121,18 +157,35 @@ impl TestApi {
     }
 
     pub async fn version(&self) -> u64 {
-        self.get("/v1/config").await.body["version"].as_u64().unwrap()
+        self.get("/v1/config").await.body["version"]
+            .as_u64()
+            .unwrap()
     }
 
     /// Create the seed scenario; returns (certificate, redmine backend, odoo backend) ids.
     pub async fn seed(&self) -> (String, String, String) {
-        let cert = self.post("/v1/certificates", cert_body("beerme", &["*.beerme", "redmine.beerme", "odoo.beerme"])).await;
+        let cert = self
+            .post(
+                "/v1/certificates",
+                cert_body("beerme", &["*.beerme", "redmine.beerme", "odoo.beerme"]),
+            )
+            .await;
         assert_eq!(cert.status, StatusCode::CREATED, "{}", cert.body);
-        let redmine = self.post("/v1/backends", json!({"name": "redmine", "protocol": "http",
-            "servers": [{"address": "10.4.1.11:30080"}, {"address": "10.4.1.12:30080"}]})).await;
+        let redmine = self
+            .post(
+                "/v1/backends",
+                json!({"name": "redmine", "protocol": "http",
+            "servers": [{"address": "10.4.1.11:30080"}, {"address": "10.4.1.12:30080"}]}),
+            )
+            .await;
         assert_eq!(redmine.status, StatusCode::CREATED, "{}", redmine.body);
-        let odoo = self.post("/v1/backends", json!({"name": "odoo", "protocol": "tcp",
-            "servers": [{"address": "10.4.1.11:32036"}, {"address": "10.4.1.12:32036"}]})).await;
+        let odoo = self
+            .post(
+                "/v1/backends",
+                json!({"name": "odoo", "protocol": "tcp",
+            "servers": [{"address": "10.4.1.11:32036"}, {"address": "10.4.1.12:32036"}]}),
+            )
+            .await;
         assert_eq!(odoo.status, StatusCode::CREATED, "{}", odoo.body);
         (cert.id(), redmine.id(), odoo.id())
     }
@@ -141,7 +194,9 @@ impl TestApi {
 /// A self-signed certificate and key (PEM) for these names.
 pub fn self_signed(sans: &[&str]) -> (String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let params =
+        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
     (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
 }
 

@@ -42,7 +42,11 @@ fn start(data_dir: &Path) -> (Proc, SocketAddr) {
         let mut sent = false;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if !sent {
-                if let Some(addr) = line.split("addr=").nth(1).and_then(|a| a.split_whitespace().next()) {
+                if let Some(addr) = line
+                    .split("addr=")
+                    .nth(1)
+                    .and_then(|a| a.split_whitespace().next())
+                {
                     if line.contains("listening") {
                         let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
                         sent = true;
@@ -51,13 +55,21 @@ fn start(data_dir: &Path) -> (Proc, SocketAddr) {
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("sluice-api reported its address");
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("sluice-api reported its address");
     (Proc(child), addr)
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
-async fn request(client: &HttpClient, addr: SocketAddr, method: &str, path: &str, body: Option<String>) -> Option<(u16, String)> {
+async fn request(
+    client: &HttpClient,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+) -> Option<(u16, String)> {
     let req = hyper::Request::builder()
         .method(method)
         .uri(format!("http://{addr}{path}"))
@@ -98,7 +110,9 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
     // Let a good number of writes be acknowledged, then kill -9 while writes are in flight.
     loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let (_, body) = request(&client, addr, "GET", "/v1/config", None).await.unwrap();
+        let (_, body) = request(&client, addr, "GET", "/v1/config", None)
+            .await
+            .unwrap();
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         if v["version"].as_u64().unwrap() > 150 {
             break;
@@ -109,10 +123,16 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
     for w in writers {
         acked.extend(w.await.unwrap());
     }
-    assert!(acked.len() >= 150, "only {} writes acknowledged", acked.len());
+    assert!(
+        acked.len() >= 150,
+        "only {} writes acknowledged",
+        acked.len()
+    );
 
     let (child, addr) = start(dir.path());
-    let (status, body) = request(&client, addr, "GET", "/v1/backends", None).await.unwrap();
+    let (status, body) = request(&client, addr, "GET", "/v1/backends", None)
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     let stored: BTreeSet<String> = serde_json::from_str::<serde_json::Value>(&body)
         .unwrap()
@@ -124,11 +144,17 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
     let lost: Vec<_> = acked.difference(&stored).collect();
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     // Each stored backend is exactly one version after the initial one: none half-applied.
-    let (_, body) = request(&client, addr, "GET", "/v1/config", None).await.unwrap();
-    let version = serde_json::from_str::<serde_json::Value>(&body).unwrap()["version"].as_u64().unwrap();
+    let (_, body) = request(&client, addr, "GET", "/v1/config", None)
+        .await
+        .unwrap();
+    let version = serde_json::from_str::<serde_json::Value>(&body).unwrap()["version"]
+        .as_u64()
+        .unwrap();
     assert_eq!(version, 1 + stored.len() as u64);
     drop(child);
 
-    let db = sluice_api::db::Db::open(&dir.path().join("sluice.db")).await.unwrap();
+    let db = sluice_api::db::Db::open(&dir.path().join("sluice.db"))
+        .await
+        .unwrap();
     assert_eq!(db.integrity_check().await.unwrap(), "ok");
 }

@@ -20,14 +20,24 @@ fn committed_openapi_document_matches_the_code() {
 
 #[test]
 fn document_declares_bearer_auth_operation_ids_and_problem_responses() {
-    let doc: serde_json::Value = serde_json::from_str(&sluice_api::openapi::document_json()).unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_str(&sluice_api::openapi::document_json()).unwrap();
     assert_eq!(doc["openapi"], "3.1.0");
-    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
-            assert!(op["operationId"].is_string(), "{method} {path} has no operationId");
+            assert!(
+                op["operationId"].is_string(),
+                "{method} {path} has no operationId"
+            );
             if path.starts_with("/v1/") {
-                assert!(op["security"].is_array(), "{method} {path} declares no security");
+                assert!(
+                    op["security"].is_array(),
+                    "{method} {path} declares no security"
+                );
                 let problems = op["responses"]
                     .as_object()
                     .unwrap()
