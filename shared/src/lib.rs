@@ -6,6 +6,7 @@
 //! ([`hash`]). It does no I/O and knows nothing of tokio or SQLite.
 
 pub mod certs;
+pub mod channel;
 pub mod diff;
 pub mod hash;
 pub mod model;

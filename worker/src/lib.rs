@@ -1,1 +1,199 @@
-//! placeholder
+//! `sluice-worker`: the data plane. It follows the API over the channel, keeps the newest
+//! snapshot it validated in force, persists it for restarts without the API, and answers on an
+//! admin listener. (Listeners for traffic come with the termination and passthrough work.)
+//!
+//! [`start`] is the whole program for `sluice-worker` and for `sluice-api worker`.
+
+pub mod admin;
+pub mod channel;
+pub mod cli;
+pub mod metrics;
+pub mod runtime;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context;
+use sluice_shared::Snapshot;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::cli::WorkerArgs;
+use crate::metrics::Metrics;
+use crate::runtime::{Current, Source};
+use crate::state::StateDir;
+
+/// Everything the worker's tasks share.
+#[derive(Debug)]
+pub struct Worker {
+    pub id: Uuid,
+    pub name: String,
+    pub api: String,
+    token: String,
+    pub https_addr: SocketAddr,
+    pub admin_addr: OnceLock<SocketAddr>,
+    pub current: Current,
+    pub connected: AtomicBool,
+    pub metrics: Metrics,
+    state: StateDir,
+    persist_tx: watch::Sender<Option<Snapshot>>,
+}
+
+impl Worker {
+    /// Queue an applied snapshot for writing to the state directory (latest wins).
+    pub fn persist(&self, snapshot: Snapshot) {
+        self.persist_tx.send_replace(Some(snapshot));
+    }
+}
+
+/// Current time as RFC 3339.
+pub fn now_text() -> String {
+    sluice_shared::certs::rfc3339(time::OffsetDateTime::now_utc())
+}
+
+fn default_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "worker".into())
+}
+
+/// Write queued snapshots to the state directory, one at a time, off the async threads.
+async fn persist_loop(state: StateDir, mut rx: watch::Receiver<Option<Snapshot>>) {
+    while rx.changed().await.is_ok() {
+        let Some(snapshot) = rx.borrow_and_update().clone() else { continue };
+        let state = state.clone();
+        let version = snapshot.version;
+        match tokio::task::spawn_blocking(move || state.save(&snapshot)).await {
+            Ok(Ok(())) => tracing::debug!(%version, "snapshot saved to the state directory"),
+            Ok(Err(e)) => tracing::error!(%version, error = %e, "saving the snapshot failed"),
+            Err(e) => tracing::error!(%version, error = %e, "saving the snapshot panicked"),
+        }
+    }
+}
+
+/// Load the stored snapshot, if any and valid, so the worker serves before the API answers.
+fn load_stored(state: &StateDir, current: &Current) {
+    match state.load() {
+        Ok(None) => tracing::info!("no stored snapshot; waiting for the API"),
+        Err(e) => tracing::warn!(error = %e, "ignoring the stored snapshot"),
+        Ok(Some(snapshot)) => {
+            let version = snapshot.version;
+            match runtime::build(snapshot, Source::StateDir, now_text()) {
+                Ok(rt) => {
+                    current.store(Arc::new(rt));
+                    tracing::info!(%version, "serving the stored snapshot until the API answers");
+                }
+                Err(e) => tracing::warn!(%version, error = %e, "ignoring the stored snapshot"),
+            }
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
+
+/// Run the worker until SIGTERM or Ctrl-C.
+pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let token = std::env::var("SLUICE_WORKER_TOKEN").unwrap_or_default();
+    if token.is_empty() {
+        anyhow::bail!("SLUICE_WORKER_TOKEN is not set: the worker needs the API's worker token");
+    }
+    let state = StateDir::open(&args.state_dir)
+        .with_context(|| format!("opening state directory {}", args.state_dir.display()))?;
+    let id = state.worker_id(args.worker_id).context("reading the worker id")?;
+    let (persist_tx, persist_rx) = watch::channel(None);
+    let worker = Arc::new(Worker {
+        id,
+        name: args.name.clone().unwrap_or_else(default_name),
+        api: args.api.clone(),
+        token,
+        https_addr: args.https,
+        admin_addr: OnceLock::new(),
+        current: Current::default(),
+        connected: AtomicBool::new(false),
+        metrics: Metrics::default(),
+        state: state.clone(),
+        persist_tx,
+    });
+    load_stored(&worker.state, &worker.current);
+    if let Some(rt) = worker.current.load() {
+        worker.metrics.applied(rt.version);
+    }
+    tokio::spawn(persist_loop(state, persist_rx));
+
+    let admin = tokio::net::TcpListener::bind(args.admin).await.with_context(|| format!("binding admin {}", args.admin))?;
+    let admin_addr = admin.local_addr()?;
+    let _ = worker.admin_addr.set(admin_addr);
+    tracing::info!(worker_id = %id, name = %worker.name, admin = %admin_addr, "sluice-worker started");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin_task = tokio::spawn({
+        let mut stop = stop_rx.clone();
+        let router = admin::router(worker.clone());
+        async move {
+            let _ = axum::serve(admin, router).with_graceful_shutdown(async move { let _ = stop.changed().await; }).await;
+        }
+    });
+    let channel_task = tokio::spawn(channel::run(worker.clone(), stop_rx));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = channel_task.await;
+    let _ = admin_task.await;
+    Ok(())
+}
+
+/// Build the runtime (with `--threads`), set up logging if asked, and run.
+pub fn start(args: WorkerArgs) -> std::process::ExitCode {
+    let mut builder = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if args.threads > 1 {
+            b.worker_threads(args.threads);
+        }
+        b
+    };
+    let rt = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sluice-worker: cannot start the runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+/// Logging to stderr, `RUST_LOG` style filter (default `info`).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+}

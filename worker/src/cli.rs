@@ -1,0 +1,47 @@
+//! Command-line flags of the worker (each also an `SLUICE_*` environment variable). The token
+//! comes from the environment only (`SLUICE_WORKER_TOKEN`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use uuid::Uuid;
+
+/// Flags of `sluice-worker` (and of `sluice-api worker`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// Base URL of the API.
+    #[arg(long, env = "SLUICE_API", default_value = "http://127.0.0.1:9000")]
+    pub api: String,
+    /// Name shown in the API's worker list [default: the host name].
+    #[arg(long, env = "SLUICE_WORKER_NAME")]
+    pub name: Option<String>,
+    /// Directory for the worker id and the last applied snapshot (created 0700).
+    #[arg(long, env = "SLUICE_STATE_DIR", default_value = "./worker-state")]
+    pub state_dir: PathBuf,
+    /// HTTPS listener for both terminate and passthrough hosts.
+    #[arg(long, env = "SLUICE_HTTPS", default_value = "0.0.0.0:8443")]
+    pub https: SocketAddr,
+    /// Plain HTTP listener (redirects to HTTPS).
+    #[arg(long, env = "SLUICE_HTTP", default_value = "0.0.0.0:8080")]
+    pub http: SocketAddr,
+    /// Admin listener: /healthz, /readyz, /status, /metrics.
+    #[arg(long, env = "SLUICE_ADMIN", default_value = "127.0.0.1:0")]
+    pub admin: SocketAddr,
+    /// Port clients reach HTTPS on [default: the listener's].
+    #[arg(long, env = "SLUICE_PUBLIC_HTTPS_PORT")]
+    pub public_https_port: Option<u16>,
+    /// Runtime threads; 0 = one per available core.
+    #[arg(long, env = "SLUICE_THREADS", default_value_t = 0)]
+    pub threads: usize,
+    /// Fixed worker id (managed workers get theirs from the API) [default: kept in the state dir].
+    #[arg(long, env = "SLUICE_WORKER_ID", hide = true)]
+    pub worker_id: Option<Uuid>,
+}
+
+/// `sluice-worker`'s own command line.
+#[derive(Debug, clap::Parser)]
+#[command(name = "sluice-worker", version, about = "Sluice data plane worker")]
+pub struct Cli {
+    #[command(flatten)]
+    pub args: WorkerArgs,
+}

@@ -1,0 +1,140 @@
+//! The worker's runtime state: everything built from one snapshot, ready to serve, behind one
+//! atomically switched pointer.
+//!
+//! [`build`] does all the work up front (hash check, the shared validation, loading every
+//! certificate and key into rustls) and either returns a complete [`Runtime`] or an error; a
+//! half-built state is never visible. [`Current`] holds the one in force; readers take a cheap
+//! snapshot of the pointer per connection, so a switch never mixes two versions.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use rustls::sign::CertifiedKey;
+use sluice_shared::certs;
+use sluice_shared::hash::config_hash;
+use sluice_shared::validate::{validate, Invalid};
+use sluice_shared::{Config, ConfigVersion, Host, Snapshot};
+use uuid::Uuid;
+
+/// Why a snapshot cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("hash mismatch: the snapshot says {claimed}, its content hashes to {actual}")]
+    HashMismatch { claimed: String, actual: String },
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("certificate `{name}` arrived without its private key")]
+    MissingKey { name: String },
+    #[error("certificate `{name}` cannot be loaded into rustls: {reason}")]
+    Tls { name: String, reason: String },
+}
+
+/// Where the state in force came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Pushed by the API on the channel.
+    Api,
+    /// Loaded from the state directory at start-up.
+    StateDir,
+}
+
+/// Everything built from one snapshot.
+#[derive(Debug)]
+pub struct Runtime {
+    pub version: ConfigVersion,
+    pub hash: String,
+    pub source: Source,
+    /// When it was switched in (RFC 3339).
+    pub applied_at: String,
+    /// The configuration, without private keys (those live only in `certified`).
+    pub config: Config,
+    /// Loaded certificate chains and signing keys, by certificate id.
+    pub certified: HashMap<Uuid, Arc<CertifiedKey>>,
+    /// Host index by exact hostname and by wildcard suffix (`beerme` for `*.beerme`).
+    exact: HashMap<String, usize>,
+    wildcard: HashMap<String, usize>,
+    /// The certificate each terminate host uses, by host id.
+    pub host_certificates: HashMap<Uuid, Uuid>,
+}
+
+impl Runtime {
+    /// The host serving `name` (an SNI or Host value): exact match first, then wildcard.
+    pub fn host(&self, name: &str) -> Option<&Host> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(&i) = self.exact.get(&name) {
+            return Some(&self.config.hosts[i]);
+        }
+        let (_, suffix) = name.split_once('.')?;
+        self.wildcard.get(suffix).map(|&i| &self.config.hosts[i])
+    }
+}
+
+/// Load a certificate chain and key into rustls, checking that they belong together.
+fn certified_key(name: &str, cert_pem: &str, key_pem: &str) -> Result<CertifiedKey, BuildError> {
+    let tls = |reason: String| BuildError::Tls { name: name.to_owned(), reason };
+    let chain = certs::parse_chain(cert_pem).map_err(|e| tls(e.to_string()))?;
+    let key = certs::parse_key(key_pem).map_err(|e| tls(e.to_string()))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| tls(e.to_string()))?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match().map_err(|e| tls(e.to_string()))?;
+    Ok(ck)
+}
+
+/// Build the complete runtime state from a snapshot, or say why it cannot serve.
+pub fn build(snapshot: Snapshot, source: Source, applied_at: String) -> Result<Runtime, BuildError> {
+    let Snapshot { version, hash, mut config } = snapshot;
+    config.normalize();
+    let actual = config_hash(&config);
+    if actual != hash {
+        return Err(BuildError::HashMismatch { claimed: hash, actual });
+    }
+    let validated = validate(&config)?;
+    let mut certified = HashMap::with_capacity(config.certificates.len());
+    for cert in &mut config.certificates {
+        let key = cert.key_pem.take().ok_or_else(|| BuildError::MissingKey { name: cert.name.clone() })?;
+        certified.insert(cert.id, Arc::new(certified_key(&cert.name, &cert.cert_pem, &key)?));
+    }
+    let mut exact = HashMap::new();
+    let mut wildcard = HashMap::new();
+    for (i, h) in config.hosts.iter().enumerate() {
+        match h.hostname.wildcard_suffix() {
+            Some(suffix) => wildcard.insert(suffix.to_owned(), i),
+            None => exact.insert(h.hostname.as_str().to_owned(), i),
+        };
+    }
+    Ok(Runtime {
+        version,
+        hash,
+        source,
+        applied_at,
+        config,
+        certified,
+        exact,
+        wildcard,
+        host_certificates: validated.host_certificates,
+    })
+}
+
+/// The runtime state in force (none until the first snapshot is applied).
+#[derive(Debug, Default)]
+pub struct Current(ArcSwapOption<Runtime>);
+
+impl Current {
+    pub fn load(&self) -> Option<Arc<Runtime>> {
+        self.0.load_full()
+    }
+
+    pub fn store(&self, runtime: Arc<Runtime>) {
+        self.0.store(Some(runtime));
+    }
+
+    /// `(version, hash)` in force.
+    pub fn applied(&self) -> Option<(ConfigVersion, String)> {
+        self.0.load().as_ref().map(|r| (r.version, r.hash.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests;
