@@ -20,6 +20,8 @@ pub struct Cli {
 pub enum Command {
     /// Print the OpenAPI document and exit.
     Openapi,
+    /// Run as a worker (how managed workers are started; same as `sluice-worker`).
+    Worker(sluice_worker::cli::WorkerArgs),
 }
 
 /// Flags of the API server.
@@ -46,6 +48,9 @@ pub struct ServeArgs {
     /// Port clients reach HTTPS on, for X-Forwarded-Port and redirects [default: the listener's].
     #[arg(long, env = "SLUICE_PUBLIC_HTTPS_PORT")]
     pub public_https_port: Option<u16>,
+    /// Heartbeat interval of the worker channel, in milliseconds.
+    #[arg(long, env = "SLUICE_HEARTBEAT_MS", default_value_t = 5000, hide = true)]
+    pub heartbeat_ms: u64,
 }
 
 impl ServeArgs {

@@ -649,3 +649,236 @@ impl WriteTx<'_> {
         Ok(())
     }
 }
+
+/// A worker as the registry stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerRow {
+    pub id: Uuid,
+    pub name: String,
+    pub managed: bool,
+    pub address: Option<String>,
+    pub admin_address: Option<String>,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub applied_version: Option<u64>,
+    pub applied_hash: Option<String>,
+    pub applied_at: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_version: Option<u64>,
+    pub last_error_at: Option<String>,
+}
+
+/// A worker's answer to one version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutRow {
+    pub status: String,
+    pub error: Option<String>,
+    pub at: String,
+}
+
+/// What a worker said in its Hello.
+#[derive(Debug, Clone)]
+pub struct HelloRecord<'a> {
+    pub id: Uuid,
+    pub name: &'a str,
+    pub managed: bool,
+    pub address: Option<&'a str>,
+    pub admin_address: Option<&'a str>,
+    pub applied_version: Option<u64>,
+    pub applied_hash: Option<&'a str>,
+}
+
+const WORKER_COLS: &str =
+    "id, name, managed, address, admin_address, first_seen, last_seen, applied_version, \
+                           applied_hash, applied_at, last_error, last_error_version, last_error_at";
+
+fn worker_row(row: &sqlx::sqlite::SqliteRow) -> DbResult<WorkerRow> {
+    let v = |col: &str| -> DbResult<Option<u64>> {
+        Ok(row.try_get::<Option<i64>, _>(col)?.map(|v| v as u64))
+    };
+    Ok(WorkerRow {
+        id: uuid_col(row, "id")?,
+        name: row.try_get("name")?,
+        managed: row.try_get::<i64, _>("managed")? != 0,
+        address: row.try_get("address")?,
+        admin_address: row.try_get("admin_address")?,
+        first_seen: row.try_get("first_seen")?,
+        last_seen: row.try_get("last_seen")?,
+        applied_version: v("applied_version")?,
+        applied_hash: row.try_get("applied_hash")?,
+        applied_at: row.try_get("applied_at")?,
+        last_error: row.try_get("last_error")?,
+        last_error_version: v("last_error_version")?,
+        last_error_at: row.try_get("last_error_at")?,
+    })
+}
+
+impl Db {
+    /// The full snapshot of a version, private keys included, for the worker channel only.
+    pub async fn snapshot_with_keys(
+        &self,
+        v: ConfigVersion,
+    ) -> DbResult<Option<sluice_shared::Snapshot>> {
+        let Some((row, mut config)) = version_snapshot(&self.pool, v).await? else {
+            return Ok(None);
+        };
+        for cert in &mut config.certificates {
+            let key: Option<String> =
+                sqlx::query_scalar("SELECT key_pem FROM private_keys WHERE sha256 = ?")
+                    .bind(&cert.key_sha256)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            cert.key_pem = key;
+        }
+        Ok(Some(sluice_shared::Snapshot {
+            version: row.version,
+            hash: row.hash,
+            config,
+        }))
+    }
+
+    /// Record a worker's Hello (creating it on first contact).
+    pub async fn worker_hello(&self, h: &HelloRecord<'_>, now: &str) -> DbResult<()> {
+        sqlx::query(
+            "INSERT INTO workers (id, name, managed, address, admin_address, first_seen, last_seen, applied_version, applied_hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8)
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, managed = excluded.managed,
+               address = excluded.address, admin_address = excluded.admin_address,
+               last_seen = excluded.last_seen, applied_version = excluded.applied_version,
+               applied_hash = excluded.applied_hash",
+        )
+        .bind(h.id.to_string())
+        .bind(h.name)
+        .bind(h.managed as i64)
+        .bind(h.address)
+        .bind(h.admin_address)
+        .bind(now)
+        .bind(h.applied_version.map(|v| v as i64))
+        .bind(h.applied_hash)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Record an Ack: the worker now serves `version`.
+    pub async fn worker_applied(
+        &self,
+        id: Uuid,
+        version: ConfigVersion,
+        hash: &str,
+        now: &str,
+    ) -> DbResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE workers SET applied_version = ?, applied_hash = ?, applied_at = ?, last_seen = ? WHERE id = ?")
+            .bind(version.get() as i64)
+            .bind(hash)
+            .bind(now)
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT OR REPLACE INTO rollout (worker_id, version, status, error, at) VALUES (?, ?, 'applied', NULL, ?)")
+            .bind(id.to_string())
+            .bind(version.get() as i64)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Record a Nack: the worker refused `version` and keeps its previous one.
+    pub async fn worker_rejected(
+        &self,
+        id: Uuid,
+        version: ConfigVersion,
+        error: &str,
+        now: &str,
+    ) -> DbResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE workers SET last_error = ?, last_error_version = ?, last_error_at = ?, last_seen = ? WHERE id = ?")
+            .bind(error)
+            .bind(version.get() as i64)
+            .bind(now)
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT OR REPLACE INTO rollout (worker_id, version, status, error, at) VALUES (?, ?, 'rejected', ?, ?)")
+            .bind(id.to_string())
+            .bind(version.get() as i64)
+            .bind(error)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Note that a worker was heard from (or went away) at `now`.
+    pub async fn worker_seen(&self, id: Uuid, now: &str) -> DbResult<()> {
+        sqlx::query("UPDATE workers SET last_seen = ? WHERE id = ?")
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn list_workers(&self) -> DbResult<Vec<WorkerRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {WORKER_COLS} FROM workers ORDER BY name, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(worker_row).collect()
+    }
+
+    pub async fn get_worker(&self, id: Uuid) -> DbResult<Option<WorkerRow>> {
+        let row = sqlx::query(&format!("SELECT {WORKER_COLS} FROM workers WHERE id = ?"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(worker_row).transpose()
+    }
+
+    /// Forget a worker and its rollout rows; returns whether it existed.
+    pub async fn delete_worker(&self, id: Uuid) -> DbResult<bool> {
+        let done = sqlx::query("DELETE FROM workers WHERE id = ?")
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Every known worker with its answer to `version`, if it gave one.
+    pub async fn rollout(
+        &self,
+        version: ConfigVersion,
+    ) -> DbResult<Vec<(WorkerRow, Option<RolloutRow>)>> {
+        let workers = self.list_workers().await?;
+        let rows =
+            sqlx::query("SELECT worker_id, status, error, at FROM rollout WHERE version = ?")
+                .bind(version.get() as i64)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut answers = std::collections::HashMap::new();
+        for r in &rows {
+            answers.insert(
+                uuid_col(r, "worker_id")?,
+                RolloutRow {
+                    status: r.try_get("status")?,
+                    error: r.try_get("error")?,
+                    at: r.try_get("at")?,
+                },
+            );
+        }
+        Ok(workers
+            .into_iter()
+            .map(|w| {
+                let a = answers.remove(&w.id);
+                (w, a)
+            })
+            .collect())
+    }
+}

@@ -13,8 +13,10 @@ pub mod extract;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
+pub mod workers;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
@@ -23,12 +25,14 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::auth::{Token, TokenSource};
-use crate::cli::ServeArgs;
+use crate::cli::{Cli, Command, ServeArgs};
 use crate::db::Db;
 use crate::error::ApiError;
 use crate::extract::BODY_LIMIT;
 use crate::metrics::Metrics;
 use crate::routes::{backends, certificates, config, hosts, ops};
+use crate::workers::supervisor::{Spec, Supervisor};
+use crate::workers::Hub;
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
@@ -37,6 +41,10 @@ pub struct AppState {
     pub admin_token: Token,
     pub worker_token: Token,
     pub metrics: Arc<Metrics>,
+    /// Live worker channel sessions.
+    pub workers: Arc<Hub>,
+    /// Managed workers, when this API runs any.
+    pub supervisor: Arc<OnceLock<Supervisor>>,
 }
 
 impl AppState {
@@ -46,7 +54,15 @@ impl AppState {
             admin_token,
             worker_token,
             metrics: Arc::new(Metrics::default()),
+            workers: Arc::new(Hub::new(Duration::from_secs(5))),
+            supervisor: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Use another heartbeat interval on the worker channel.
+    pub fn with_heartbeat(mut self, heartbeat: Duration) -> AppState {
+        self.workers = Arc::new(Hub::new(heartbeat));
+        self
     }
 }
 
@@ -93,6 +109,16 @@ pub fn app(state: AppState) -> Router {
             "/config/versions/{version}/restore",
             axum::routing::post(config::restore),
         )
+        .route("/config/versions/{version}/rollout", get(config::rollout))
+        .route("/workers", get(routes::workers::list))
+        .route(
+            "/workers/{id}",
+            get(routes::workers::get).delete(routes::workers::delete),
+        )
+        .route(
+            "/workers/{id}/restart",
+            axum::routing::post(routes::workers::restart),
+        )
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
     Router::new()
         .nest("/v1", v1)
@@ -100,6 +126,10 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
+        .route(
+            sluice_shared::channel::CHANNEL_PATH,
+            get(workers::channel::handler),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn_with_state(state.clone(), metrics::observe))
@@ -155,7 +185,8 @@ pub async fn open_state(args: &ServeArgs) -> anyhow::Result<AppState> {
     )
     .context("loading the worker token")?;
     log_token("worker", worker_src, &args.data_dir.join("worker.token"));
-    Ok(AppState::new(db, admin, worker))
+    Ok(AppState::new(db, admin, worker)
+        .with_heartbeat(Duration::from_millis(args.heartbeat_ms.max(10))))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -187,14 +218,77 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "sluice-api listening");
     if args.workers > 0 {
-        tracing::warn!(
-            workers = args.workers,
-            "managed workers are not built yet (see the channel issue); serving the API only"
-        );
-    }
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown_signal())
+        let host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_owned()
+        } else {
+            addr.ip().to_string()
+        };
+        let host = if addr.is_ipv6() && !addr.ip().is_unspecified() {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        let spec = Spec {
+            exe: std::env::current_exe()
+                .context("finding this executable to start managed workers")?,
+            api_url: format!("http://{host}:{}", addr.port()),
+            data_dir: args.data_dir.clone(),
+            https: args.worker_https,
+            http: args.worker_http,
+            public_https_port: args.public_https_port,
+            worker_token: state.worker_token.clone(),
+        };
+        let supervisor = Supervisor::start(
+            spec,
+            args.workers as usize,
+            state.workers.clone(),
+            state.db.clone(),
+        )
         .await
-        .context("serving the API")?;
+        .context("starting managed workers")?;
+        let _ = state.supervisor.set(supervisor);
+    }
+    let supervisor = state.supervisor.clone();
+    let app = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    if let Some(s) = supervisor.get() {
+        s.shutdown().await;
+    }
+    served.context("serving the API")?;
     Ok(())
+}
+
+/// The whole `sluice-api` program: parse flags, set up logging, run the API (or, for managed
+/// workers, the worker). `main.rs` only calls this.
+pub fn main() -> std::process::ExitCode {
+    let cli = <Cli as clap::Parser>::parse();
+    match cli.command {
+        Some(Command::Openapi) => {
+            print!("{}", crate::openapi::document_json());
+            std::process::ExitCode::SUCCESS
+        }
+        Some(Command::Worker(args)) => {
+            sluice_worker::init_logging();
+            sluice_worker::start(args)
+        }
+        None => {
+            sluice_worker::init_logging();
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("sluice-api: cannot start the runtime: {e}");
+                    return std::process::ExitCode::from(1);
+                }
+            };
+            match rt.block_on(crate::run(cli.serve)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    std::process::ExitCode::from(1)
+                }
+            }
+        }
+    }
 }

@@ -7,7 +7,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{FieldError, Problem};
-use crate::routes::{backends, certificates, config, hosts, ops};
+use crate::routes::{backends, certificates, config, hosts, ops, workers};
 
 struct BearerScheme;
 
@@ -38,7 +38,8 @@ impl Modify for BearerScheme {
         certificates::list, certificates::get, certificates::create, certificates::update, certificates::delete,
         backends::list, backends::get, backends::create, backends::update, backends::delete,
         hosts::list, hosts::get, hosts::create, hosts::update, hosts::delete,
-        config::current, config::history, config::version, config::restore,
+        config::current, config::history, config::version, config::restore, config::rollout,
+        workers::list, workers::get, workers::delete, workers::restart,
         ops::healthz, ops::readyz, ops::metrics,
     ),
     components(schemas(Problem, FieldError)),
@@ -47,7 +48,8 @@ impl Modify for BearerScheme {
         (name = "certificates", description = "Certificate chains and write-only private keys"),
         (name = "backends", description = "Server pools"),
         (name = "hosts", description = "Hostnames and how they are served"),
-        (name = "config", description = "Versions, history and restore"),
+        (name = "config", description = "Versions, history, restore and rollout"),
+        (name = "workers", description = "Managed and remote workers"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
 )]

@@ -41,9 +41,15 @@ pub enum WorkerMessage {
         admin_address: Option<String>,
     },
     /// The worker switched to this version.
-    Ack { version: ConfigVersion, hash: String },
+    Ack {
+        version: ConfigVersion,
+        hash: String,
+    },
     /// The worker refused this version and keeps serving its previous one.
-    Nack { version: ConfigVersion, error: String },
+    Nack {
+        version: ConfigVersion,
+        error: String,
+    },
     /// Health state changes (or, with `full`, every server's state).
     HealthReport {
         full: bool,
@@ -57,7 +63,9 @@ pub enum WorkerMessage {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ApiMessage {
     /// Answer to Hello: the heartbeat interval both sides keep.
-    Welcome { heartbeat_ms: u64 },
+    Welcome {
+        heartbeat_ms: u64,
+    },
     /// A configuration to apply, private keys included.
     Snapshot {
         version: ConfigVersion,
@@ -66,7 +74,9 @@ pub enum ApiMessage {
     },
     Heartbeat,
     /// The connection is refused (bad protocol version and the like); do not retry quickly.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 /// Why a frame could not be decoded.
@@ -93,7 +103,10 @@ pub fn encode<T: Serialize>(msg: &T, compress: bool) -> Frame {
     if !compress {
         return Frame::Text(String::from_utf8(json).unwrap_or_default());
     }
-    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(json.len() / 3), flate2::Compression::fast());
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(json.len() / 3),
+        flate2::Compression::fast(),
+    );
     // Writing into a Vec cannot fail.
     let _ = enc.write_all(&json);
     Frame::Binary(enc.finish().unwrap_or_default())
@@ -116,7 +129,10 @@ pub fn decode<T: serde::de::DeserializeOwned>(frame: &Frame) -> Result<T, Decode
         Frame::Binary(b) => {
             let mut out = Vec::new();
             let limit = MAX_MESSAGE_BYTES as u64 + 1;
-            flate2::read::GzDecoder::new(&b[..]).take(limit).read_to_end(&mut out).map_err(DecodeError::Gzip)?;
+            flate2::read::GzDecoder::new(&b[..])
+                .take(limit)
+                .read_to_end(&mut out)
+                .map_err(DecodeError::Gzip)?;
             if out.len() > MAX_MESSAGE_BYTES {
                 return Err(DecodeError::TooLarge);
             }
@@ -150,7 +166,10 @@ mod tests {
             address: None,
             admin_address: None,
         };
-        assert_eq!(decode::<WorkerMessage>(&encode(&hello, false)).unwrap(), hello);
+        assert_eq!(
+            decode::<WorkerMessage>(&encode(&hello, false)).unwrap(),
+            hello
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::Worker;
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub worker_id: Uuid,
+    pub pid: u32,
     pub name: String,
     pub api: String,
     pub api_connected: bool,
@@ -44,6 +45,7 @@ async fn status(State(w): State<Arc<Worker>>) -> Json<Status> {
     let rt = w.current.load();
     Json(Status {
         worker_id: w.id,
+        pid: std::process::id(),
         name: w.name.clone(),
         api: w.api.clone(),
         api_connected: w.connected.load(Ordering::Relaxed),
@@ -57,7 +59,14 @@ async fn status(State(w): State<Arc<Worker>>) -> Json<Status> {
 
 async fn metrics(State(w): State<Arc<Worker>>) -> Response {
     let body = w.metrics.render(w.connected.load(Ordering::Relaxed));
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// The admin router.

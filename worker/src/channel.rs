@@ -11,7 +11,8 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use sluice_shared::channel::{
-    decode, encode, ApiMessage, Frame, WorkerMessage, CHANNEL_PATH, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
+    decode, encode, ApiMessage, Frame, WorkerMessage, CHANNEL_PATH, MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
 };
 use sluice_shared::Snapshot;
 use tokio::sync::watch;
@@ -59,7 +60,11 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { attempt: 0, base: Duration::from_millis(100), cap: Duration::from_secs(10) }
+        Backoff {
+            attempt: 0,
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(10),
+        }
     }
 }
 
@@ -70,7 +75,10 @@ impl Backoff {
 
     /// The next delay; `unit` is a random number in [0, 1).
     pub fn next_delay(&mut self, unit: f64) -> Duration {
-        let ceiling = self.base.saturating_mul(1u32 << self.attempt.min(16)).min(self.cap);
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.cap);
         self.attempt = self.attempt.saturating_add(1);
         ceiling.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
     }
@@ -78,7 +86,9 @@ impl Backoff {
 
 /// `http://host:port` -> `ws://host:port/worker/v1/channel`.
 pub fn channel_url(api: &str) -> Result<String, ChannelError> {
-    let rest = api.strip_prefix("http://").ok_or_else(|| ChannelError::BadUrl(api.to_owned()))?;
+    let rest = api
+        .strip_prefix("http://")
+        .ok_or_else(|| ChannelError::BadUrl(api.to_owned()))?;
     Ok(format!("ws://{}{CHANNEL_PATH}", rest.trim_end_matches('/')))
 }
 
@@ -95,7 +105,9 @@ pub async fn run(worker: Arc<Worker>, mut shutdown: watch::Receiver<bool>) {
             Ok(()) => backoff.next_delay(rand::thread_rng().gen()),
             Err(ChannelError::Refused(reason)) => {
                 tracing::error!(%reason, "the API refused this worker");
-                backoff.next_delay(rand::thread_rng().gen()).max(Duration::from_secs(5))
+                backoff
+                    .next_delay(rand::thread_rng().gen())
+                    .max(Duration::from_secs(5))
             }
             Err(e) => {
                 let delay = backoff.next_delay(rand::thread_rng().gen());
@@ -123,7 +135,9 @@ async fn session(worker: &Arc<Worker>, backoff: &mut Backoff) -> Result<(), Chan
     let auth = format!("Bearer {}", worker.token);
     request.headers_mut().insert(
         "authorization",
-        auth.parse().map_err(|_| ChannelError::Refused("the worker token is not a valid header value".into()))?,
+        auth.parse().map_err(|_| {
+            ChannelError::Refused("the worker token is not a valid header value".into())
+        })?,
     );
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE_BYTES))
@@ -194,7 +208,8 @@ async fn apply(worker: &Arc<Worker>, snapshot: Snapshot) -> WorkerMessage {
     let version = snapshot.version;
     let keep = snapshot.clone();
     let now = crate::now_text();
-    let built = tokio::task::spawn_blocking(move || runtime::build(snapshot, Source::Api, now)).await;
+    let built =
+        tokio::task::spawn_blocking(move || runtime::build(snapshot, Source::Api, now)).await;
     match built {
         Ok(Ok(rt)) => {
             let hash = rt.hash.clone();
@@ -207,11 +222,17 @@ async fn apply(worker: &Arc<Worker>, snapshot: Snapshot) -> WorkerMessage {
         Ok(Err(e)) => {
             worker.metrics.rejected();
             tracing::warn!(%version, error = %e, "rejected snapshot; still serving the previous one");
-            WorkerMessage::Nack { version, error: e.to_string() }
+            WorkerMessage::Nack {
+                version,
+                error: e.to_string(),
+            }
         }
         Err(join) => {
             worker.metrics.rejected();
-            WorkerMessage::Nack { version, error: format!("building the snapshot failed: {join}") }
+            WorkerMessage::Nack {
+                version,
+                error: format!("building the snapshot failed: {join}"),
+            }
         }
     }
 }
@@ -224,7 +245,10 @@ mod tests {
     fn backoff_starts_under_100ms_doubles_and_caps_at_10s() {
         let mut b = Backoff::default();
         let first = b.next_delay(0.99);
-        assert!(first <= Duration::from_millis(100) && first >= Duration::from_millis(50), "{first:?}");
+        assert!(
+            first <= Duration::from_millis(100) && first >= Duration::from_millis(50),
+            "{first:?}"
+        );
         assert_eq!(b.next_delay(1.0), Duration::from_millis(200));
         for _ in 0..20 {
             assert!(b.next_delay(1.0) <= Duration::from_secs(10));
@@ -236,7 +260,10 @@ mod tests {
 
     #[test]
     fn channel_urls() {
-        assert_eq!(channel_url("http://127.0.0.1:9000/").unwrap(), "ws://127.0.0.1:9000/worker/v1/channel");
+        assert_eq!(
+            channel_url("http://127.0.0.1:9000/").unwrap(),
+            "ws://127.0.0.1:9000/worker/v1/channel"
+        );
         assert!(channel_url("https://api").is_err());
     }
 }

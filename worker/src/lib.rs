@@ -64,7 +64,9 @@ fn default_name() -> String {
 /// Write queued snapshots to the state directory, one at a time, off the async threads.
 async fn persist_loop(state: StateDir, mut rx: watch::Receiver<Option<Snapshot>>) {
     while rx.changed().await.is_ok() {
-        let Some(snapshot) = rx.borrow_and_update().clone() else { continue };
+        let Some(snapshot) = rx.borrow_and_update().clone() else {
+            continue;
+        };
         let state = state.clone();
         let version = snapshot.version;
         match tokio::task::spawn_blocking(move || state.save(&snapshot)).await {
@@ -117,7 +119,9 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     }
     let state = StateDir::open(&args.state_dir)
         .with_context(|| format!("opening state directory {}", args.state_dir.display()))?;
-    let id = state.worker_id(args.worker_id).context("reading the worker id")?;
+    let id = state
+        .worker_id(args.worker_id)
+        .context("reading the worker id")?;
     let (persist_tx, persist_rx) = watch::channel(None);
     let worker = Arc::new(Worker {
         id,
@@ -138,7 +142,9 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     }
     tokio::spawn(persist_loop(state, persist_rx));
 
-    let admin = tokio::net::TcpListener::bind(args.admin).await.with_context(|| format!("binding admin {}", args.admin))?;
+    let admin = tokio::net::TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("binding admin {}", args.admin))?;
     let admin_addr = admin.local_addr()?;
     let _ = worker.admin_addr.set(admin_addr);
     tracing::info!(worker_id = %id, name = %worker.name, admin = %admin_addr, "sluice-worker started");
@@ -147,7 +153,11 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         let mut stop = stop_rx.clone();
         let router = admin::router(worker.clone());
         async move {
-            let _ = axum::serve(admin, router).with_graceful_shutdown(async move { let _ = stop.changed().await; }).await;
+            let _ = axum::serve(admin, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                })
+                .await;
         }
     });
     let channel_task = tokio::spawn(channel::run(worker.clone(), stop_rx));

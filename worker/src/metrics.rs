@@ -22,11 +22,29 @@ impl Default for Metrics {
         let applied = Counter::default();
         let rejected = Counter::default();
         let connected = Gauge::default();
-        registry.register("config_version", "Configuration version being served", config_version.clone());
+        registry.register(
+            "config_version",
+            "Configuration version being served",
+            config_version.clone(),
+        );
         registry.register("snapshots_applied", "Snapshots applied", applied.clone());
-        registry.register("snapshots_rejected", "Snapshots refused by validation", rejected.clone());
-        registry.register("api_connected", "1 while the channel to the API is up", connected.clone());
-        Metrics { registry, config_version, applied, rejected, connected }
+        registry.register(
+            "snapshots_rejected",
+            "Snapshots refused by validation",
+            rejected.clone(),
+        );
+        registry.register(
+            "api_connected",
+            "1 while the channel to the API is up",
+            connected.clone(),
+        );
+        Metrics {
+            registry,
+            config_version,
+            applied,
+            rejected,
+            connected,
+        }
     }
 }
 

@@ -73,28 +73,48 @@ impl Runtime {
 
 /// Load a certificate chain and key into rustls, checking that they belong together.
 fn certified_key(name: &str, cert_pem: &str, key_pem: &str) -> Result<CertifiedKey, BuildError> {
-    let tls = |reason: String| BuildError::Tls { name: name.to_owned(), reason };
+    let tls = |reason: String| BuildError::Tls {
+        name: name.to_owned(),
+        reason,
+    };
     let chain = certs::parse_chain(cert_pem).map_err(|e| tls(e.to_string()))?;
     let key = certs::parse_key(key_pem).map_err(|e| tls(e.to_string()))?;
-    let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| tls(e.to_string()))?;
+    let signing =
+        rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| tls(e.to_string()))?;
     let ck = CertifiedKey::new(chain, signing);
     ck.keys_match().map_err(|e| tls(e.to_string()))?;
     Ok(ck)
 }
 
 /// Build the complete runtime state from a snapshot, or say why it cannot serve.
-pub fn build(snapshot: Snapshot, source: Source, applied_at: String) -> Result<Runtime, BuildError> {
-    let Snapshot { version, hash, mut config } = snapshot;
+pub fn build(
+    snapshot: Snapshot,
+    source: Source,
+    applied_at: String,
+) -> Result<Runtime, BuildError> {
+    let Snapshot {
+        version,
+        hash,
+        mut config,
+    } = snapshot;
     config.normalize();
     let actual = config_hash(&config);
     if actual != hash {
-        return Err(BuildError::HashMismatch { claimed: hash, actual });
+        return Err(BuildError::HashMismatch {
+            claimed: hash,
+            actual,
+        });
     }
     let validated = validate(&config)?;
     let mut certified = HashMap::with_capacity(config.certificates.len());
     for cert in &mut config.certificates {
-        let key = cert.key_pem.take().ok_or_else(|| BuildError::MissingKey { name: cert.name.clone() })?;
-        certified.insert(cert.id, Arc::new(certified_key(&cert.name, &cert.cert_pem, &key)?));
+        let key = cert.key_pem.take().ok_or_else(|| BuildError::MissingKey {
+            name: cert.name.clone(),
+        })?;
+        certified.insert(
+            cert.id,
+            Arc::new(certified_key(&cert.name, &cert.cert_pem, &key)?),
+        );
     }
     let mut exact = HashMap::new();
     let mut wildcard = HashMap::new();

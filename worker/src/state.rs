@@ -20,11 +20,17 @@ const ID_FILE: &str = "worker.id";
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("reading {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is truncated or corrupt (checksum mismatch)")]
     Checksum { path: PathBuf },
     #[error("{path} does not hold a snapshot: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 /// The state directory.
@@ -36,7 +42,12 @@ pub struct StateDir {
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -49,7 +60,10 @@ impl StateDir {
     pub fn open(dir: impl Into<PathBuf>) -> std::io::Result<StateDir> {
         use std::os::unix::fs::DirBuilderExt;
         let dir = dir.into();
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
         Ok(StateDir { dir })
     }
 
@@ -100,7 +114,9 @@ impl StateDir {
         if sum != sha256_hex(body).as_bytes() {
             return Err(StateError::Checksum { path });
         }
-        serde_json::from_slice(body).map(Some).map_err(|source| StateError::Parse { path, source })
+        serde_json::from_slice(body)
+            .map(Some)
+            .map_err(|source| StateError::Parse { path, source })
     }
 }
 
@@ -110,7 +126,11 @@ mod tests {
     use sluice_shared::{Config, ConfigVersion};
 
     fn snap() -> Snapshot {
-        Snapshot { version: ConfigVersion::FIRST, hash: "h".into(), config: Config::default() }
+        Snapshot {
+            version: ConfigVersion::FIRST,
+            hash: "h".into(),
+            config: Config::default(),
+        }
     }
 
     #[test]
@@ -122,7 +142,10 @@ mod tests {
         assert_eq!(dir.load().unwrap(), Some(snap()));
         let path = dir.path().join(SNAPSHOT_FILE);
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         // Truncated.
         let bytes = fs::read(&path).unwrap();
         fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();

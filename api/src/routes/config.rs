@@ -198,3 +198,74 @@ pub async fn restore(
     };
     Ok(write_response(status, &outcome, info, None))
 }
+
+/// One worker's position for one version.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RolloutEntry {
+    pub worker_id: uuid::Uuid,
+    pub name: String,
+    pub managed: bool,
+    pub connected: bool,
+    /// `applied`, `rejected`, `pending`, or `superseded` (the worker moved past this version
+    /// without applying it).
+    pub status: String,
+    /// The worker's reason, for `rejected`.
+    pub error: Option<String>,
+    /// When the worker answered.
+    pub at: Option<String>,
+    /// The version the worker serves now.
+    pub applied_version: Option<u64>,
+}
+
+/// Where every known worker stands with a version.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Rollout {
+    pub version: ConfigVersion,
+    pub workers: Vec<RolloutEntry>,
+}
+
+/// Every known worker as pending, applied or rejected for this version.
+#[utoipa::path(get, path = "/v1/config/versions/{version}/rollout", tag = "config", operation_id = "get_rollout",
+    params(("version" = u64, Path)),
+    responses((status = 200, body = Rollout),
+              (status = 404, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn rollout(
+    State(app): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Rollout>, ApiError> {
+    let v = parse_version(&raw)?;
+    app.db.get_version(v).await?.ok_or(ApiError::NotFound {
+        what: "version",
+        id: v.to_string(),
+    })?;
+    let workers = app
+        .db
+        .rollout(v)
+        .await?
+        .into_iter()
+        .map(|(w, answer)| {
+            let (status, error, at) = match answer {
+                Some(a) => (a.status, a.error, Some(a.at)),
+                None if w.applied_version.is_some_and(|a| a > v.get()) => {
+                    ("superseded".to_owned(), None, None)
+                }
+                None => ("pending".to_owned(), None, None),
+            };
+            RolloutEntry {
+                worker_id: w.id,
+                connected: app.workers.is_connected(w.id),
+                name: w.name,
+                managed: w.managed,
+                status,
+                error,
+                at,
+                applied_version: w.applied_version,
+            }
+        })
+        .collect();
+    Ok(Json(Rollout {
+        version: v,
+        workers,
+    }))
+}

@@ -6,6 +6,7 @@ pub mod certificates;
 pub mod config;
 pub mod hosts;
 pub mod ops;
+pub mod workers;
 
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};

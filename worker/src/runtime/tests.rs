@@ -5,11 +5,16 @@ use sluice_shared::model::*;
 
 fn seed(key_ok: bool) -> Snapshot {
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["*.beerme".to_string(), "redmine.beerme".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let key_pem = if key_ok { key.serialize_pem() } else { rcgen::KeyPair::generate().unwrap().serialize_pem() };
+    let cert =
+        rcgen::CertificateParams::new(vec!["*.beerme".to_string(), "redmine.beerme".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+    let key_pem = if key_ok {
+        key.serialize_pem()
+    } else {
+        rcgen::KeyPair::generate().unwrap().serialize_pem()
+    };
     let mut config = Config {
         certificates: vec![Certificate {
             id: Uuid::from_u128(1),
@@ -43,14 +48,21 @@ fn seed(key_ok: bool) -> Snapshot {
     };
     config.normalize();
     let hash = config_hash(&config);
-    Snapshot { version: ConfigVersion::try_from(3).unwrap(), hash, config }
+    Snapshot {
+        version: ConfigVersion::try_from(3).unwrap(),
+        hash,
+        config,
+    }
 }
 
 #[test]
 fn builds_routes_and_keys() {
     let rt = build(seed(true), Source::Api, "now".into()).unwrap();
     assert_eq!(rt.certified.len(), 1);
-    assert!(rt.config.certificates[0].key_pem.is_none(), "keys are not kept in the config");
+    assert!(
+        rt.config.certificates[0].key_pem.is_none(),
+        "keys are not kept in the config"
+    );
     assert_eq!(rt.host("REDMINE.beerme.").unwrap().id, Uuid::from_u128(10));
     assert_eq!(rt.host("odoo.beerme").unwrap().id, Uuid::from_u128(11));
     assert!(rt.host("a.b.beerme").is_none());
@@ -60,14 +72,26 @@ fn builds_routes_and_keys() {
 
 #[test]
 fn refuses_mismatched_keys_hashes_and_missing_keys() {
-    assert!(matches!(build(seed(false), Source::Api, "now".into()), Err(BuildError::Tls { .. })));
+    assert!(matches!(
+        build(seed(false), Source::Api, "now".into()),
+        Err(BuildError::Tls { .. })
+    ));
     let mut s = seed(true);
     s.hash = "00".repeat(32);
-    assert!(matches!(build(s, Source::Api, "now".into()), Err(BuildError::HashMismatch { .. })));
+    assert!(matches!(
+        build(s, Source::Api, "now".into()),
+        Err(BuildError::HashMismatch { .. })
+    ));
     let mut s = seed(true);
     s.config.certificates[0].key_pem = None;
-    assert!(matches!(build(s, Source::Api, "now".into()), Err(BuildError::MissingKey { .. })));
+    assert!(matches!(
+        build(s, Source::Api, "now".into()),
+        Err(BuildError::MissingKey { .. })
+    ));
     let mut s = seed(true);
     s.config.certificates[0].key_pem = Some("tampered".into());
-    assert!(matches!(build(s, Source::Api, "now".into()), Err(BuildError::Invalid(_))));
+    assert!(matches!(
+        build(s, Source::Api, "now".into()),
+        Err(BuildError::Invalid(_))
+    ));
 }

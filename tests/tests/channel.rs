@@ -1,0 +1,314 @@
+//! The snapshot channel with real processes: push on commit, Ack/Nack and rollout, serving
+//! through API outages from memory and from the state directory, managed workers, bad tokens.
+
+use std::time::Duration;
+
+use serde_json::json;
+use sluice_tests::{self_signed, wait_for, Api, Worker, WORKER_TOKEN};
+
+/// Short heartbeats so disconnections show quickly.
+const HEARTBEAT: &[&str] = &["--workers", "0", "--heartbeat-ms", "200"];
+
+async fn create_backend(api: &Api, name: &str) -> u64 {
+    let (status, body) = api
+        .http
+        .post(
+            "/v1/backends",
+            json!({"name": name, "protocol": "http", "servers": [{"address": "127.0.0.1:9"}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    api.version().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_is_pushed_to_two_workers_and_rollout_shows_both_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(&dir.path().join("api"), "127.0.0.1:0", HEARTBEAT);
+    let w1 = Worker::start(&api.url(), &dir.path().join("w1"), "edge-1", WORKER_TOKEN);
+    let w2 = Worker::start(&api.url(), &dir.path().join("w2"), "edge-2", WORKER_TOKEN);
+    api.wait_applied(2, 1).await;
+
+    let v = create_backend(&api, "redmine").await;
+    assert_eq!(v, 2);
+    for w in [&w1, &w2] {
+        let s = w.wait_version(v).await;
+        assert_eq!(s["api_connected"], true);
+        assert_eq!(s["source"], "api");
+    }
+    api.wait_applied(2, v).await;
+    let (status, rollout) = api
+        .http
+        .get(&format!("/v1/config/versions/{v}/rollout"))
+        .await;
+    assert_eq!(status, 200);
+    let workers = rollout["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2);
+    for w in workers {
+        assert_eq!(w["status"], "applied", "{rollout}");
+        assert!(w["at"].is_string());
+        assert_eq!(w["managed"], false);
+    }
+    // The worker's readiness and metrics follow.
+    assert_eq!(w1.http.get("/readyz").await.0, 200);
+    let metrics = w1.http.get("/metrics").await.1;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("sluice_worker_config_version 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_outlive_the_api_and_serve_from_their_state_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let api_dir = dir.path().join("api");
+    let mut api = Api::start(&api_dir, "127.0.0.1:0", HEARTBEAT);
+    let port = api.addr.port();
+    let w1 = Worker::start(&api.url(), &dir.path().join("w1"), "edge-1", WORKER_TOKEN);
+    let w2 = Worker::start(&api.url(), &dir.path().join("w2"), "edge-2", WORKER_TOKEN);
+    let v = create_backend(&api, "redmine").await;
+    api.wait_applied(2, v).await;
+
+    // kill -9 the API: both workers notice and keep serving their snapshot.
+    api.proc.kill9();
+    for w in [&w1, &w2] {
+        let s = wait_for(Duration::from_secs(10), || async {
+            let s = w.status().await;
+            (s["api_connected"] == false).then_some(s)
+        })
+        .await
+        .expect("worker noticed the API is gone");
+        assert_eq!(s["applied_version"], v);
+        assert_eq!(w.http.get("/readyz").await.0, 200);
+    }
+
+    // A worker restarted while the API is down serves from its state directory.
+    let w1_dir = dir.path().join("w1");
+    drop(w1);
+    let w1 = Worker::start(
+        &format!("http://127.0.0.1:{port}"),
+        &w1_dir,
+        "edge-1",
+        WORKER_TOKEN,
+    );
+    let s = w1.status().await;
+    assert_eq!(s["applied_version"], v, "{s}");
+    assert_eq!(s["source"], "state_dir");
+    assert_eq!(w1.http.get("/readyz").await.0, 200);
+
+    // The API comes back on the same address: both reconnect and converge on a newer version.
+    let api = Api::start(&api_dir, &format!("127.0.0.1:{port}"), HEARTBEAT);
+    api.wait_applied(2, v).await;
+    let v2 = create_backend(&api, "odoo").await;
+    assert_eq!(v2, v + 1);
+    w1.wait_version(v2).await;
+    w2.wait_version(v2).await;
+    assert_eq!(w1.status().await["source"], "api");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_snapshot_is_recorded_and_not_resent_and_the_old_one_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(&dir.path().join("api"), "127.0.0.1:0", HEARTBEAT);
+    let w = Worker::start(&api.url(), &dir.path().join("w"), "edge-1", WORKER_TOKEN);
+    let (cert, key) = self_signed(&["a.example"]);
+    let (status, _) = api
+        .http
+        .post(
+            "/v1/certificates",
+            json!({"name": "a", "cert_pem": cert, "key_pem": key}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let good = api.version().await;
+    w.wait_version(good).await;
+
+    // Corrupt the stored key behind the API's back: the next snapshot carries a key that does
+    // not match its certificate's key_sha256, which the worker's validation refuses.
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        api.data_dir.join("sluice.db").display()
+    ))
+    .await
+    .unwrap();
+    let (_, other_key) = self_signed(&["a.example"]);
+    let original: String = sqlx::query_scalar("SELECT key_pem FROM private_keys")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE private_keys SET key_pem = ?")
+        .bind(&other_key)
+        .execute(&db)
+        .await
+        .unwrap();
+    let bad = create_backend(&api, "b1").await;
+
+    let rollout = wait_for(Duration::from_secs(10), || async {
+        let r = api
+            .http
+            .get(&format!("/v1/config/versions/{bad}/rollout"))
+            .await
+            .1;
+        (r["workers"][0]["status"] == "rejected").then_some(r)
+    })
+    .await
+    .expect("the worker's Nack is recorded");
+    let error = rollout["workers"][0]["error"].as_str().unwrap();
+    assert!(error.contains("key_pem"), "{error}");
+    let worker = &api.workers().await[0];
+    assert_eq!(worker["last_error_version"], bad);
+    assert_eq!(worker["applied_version"], good);
+    assert_eq!(
+        w.status().await["applied_version"],
+        good,
+        "the old version keeps serving"
+    );
+
+    // Several heartbeats later the worker has still been sent that version only once.
+    let (_, first) = w.http.get("/metrics").await;
+    assert!(
+        first
+            .as_str()
+            .unwrap()
+            .contains("sluice_worker_snapshots_rejected_total 1"),
+        "{first}"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (_, later) = w.http.get("/metrics").await;
+    assert!(
+        later
+            .as_str()
+            .unwrap()
+            .contains("sluice_worker_snapshots_rejected_total 1"),
+        "resent: {later}"
+    );
+
+    // Repaired, the next version goes through.
+    sqlx::query("UPDATE private_keys SET key_pem = ?")
+        .bind(&original)
+        .execute(&db)
+        .await
+        .unwrap();
+    let fixed = create_backend(&api, "b2").await;
+    w.wait_version(fixed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_a_wrong_token_is_refused_and_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(&dir.path().join("api"), "127.0.0.1:0", HEARTBEAT);
+    let w = Worker::start(
+        &api.url(),
+        &dir.path().join("w"),
+        "intruder",
+        "not-the-token",
+    );
+    let logged = wait_for(Duration::from_secs(10), || async {
+        api.proc.logged("worker channel refused").then_some(())
+    })
+    .await;
+    assert!(logged.is_some(), "refusal logged with the peer address");
+    assert!(
+        api.proc.logged("peer=Some(127.0.0.1:"),
+        "{}",
+        api.proc.log_text()
+    );
+    assert!(api.workers().await.is_empty());
+    assert_eq!(w.http.get("/readyz").await.0, 503);
+    assert_eq!(w.status().await["api_connected"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_workers_are_restarted_replaced_and_stopped_with_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut api = Api::start(
+        &dir.path().join("api"),
+        "127.0.0.1:0",
+        &[
+            "--workers",
+            "2",
+            "--heartbeat-ms",
+            "200",
+            "--worker-https",
+            "127.0.0.1:0",
+            "--worker-http",
+            "127.0.0.1:0",
+        ],
+    );
+    let workers = api.wait_applied(2, 1).await;
+    assert!(workers.iter().all(|w| w["managed"] == true));
+
+    // SIGKILL one managed worker: it comes back (same id, same state) and converges.
+    let victim = workers[0]["id"].as_str().unwrap().to_owned();
+    let admin = workers[0]["admin_address"].as_str().unwrap().to_owned();
+    let status = sluice_tests::Http::new(format!("http://{admin}"), None)
+        .get("/status")
+        .await
+        .1;
+    let pid = status["pid"].as_u64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let v = create_backend(&api, "after-kill").await;
+    let back = api.wait_applied(2, v).await;
+    assert!(
+        back.iter().any(|w| w["id"] == victim.as_str()),
+        "restarted with the same id"
+    );
+
+    // Replace the other one: the new one has applied the current version before the old stops.
+    let other = workers[1]["id"].as_str().unwrap();
+    let (status, replaced) = api
+        .http
+        .post(&format!("/v1/workers/{other}/restart"), json!(null))
+        .await;
+    assert_eq!(status, 200, "{replaced}");
+    assert_eq!(replaced["replaced"], other);
+    assert_eq!(replaced["worker"]["applied_version"], v);
+    assert_eq!(replaced["worker"]["connected"], true);
+    let ids: Vec<String> = api
+        .workers()
+        .await
+        .iter()
+        .map(|w| w["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        !ids.contains(&other.to_owned()),
+        "the replaced worker is forgotten"
+    );
+
+    // Remote workers cannot be restarted by the API; unknown ones are 404.
+    let (status, _) = api
+        .http
+        .post(
+            "/v1/workers/00000000-0000-0000-0000-000000000001/restart",
+            json!(null),
+        )
+        .await;
+    assert_eq!(status, 404);
+
+    // Stopping the API stops its workers, and it exits 0.
+    let pids: Vec<i32> = {
+        let mut pids = Vec::new();
+        for w in api.workers().await {
+            let admin = w["admin_address"].as_str().unwrap().to_owned();
+            let s = sluice_tests::Http::new(format!("http://{admin}"), None)
+                .get("/status")
+                .await
+                .1;
+            pids.push(s["pid"].as_u64().unwrap() as i32);
+        }
+        pids
+    };
+    let exit = api.proc.terminate().unwrap();
+    assert!(exit.success(), "{exit:?}");
+    for pid in pids {
+        let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err();
+        assert!(gone, "managed worker {pid} outlived the API");
+    }
+}
