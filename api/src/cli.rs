@@ -21,7 +21,7 @@ pub enum Command {
     /// Print the OpenAPI document and exit.
     Openapi,
     /// Run as a worker (how managed workers are started; same as `sluice-worker`).
-    Worker(sluice_worker::cli::WorkerArgs),
+    Worker(Box<sluice_worker::cli::WorkerArgs>),
 }
 
 /// Flags of the API server.

@@ -271,7 +271,7 @@ pub fn main() -> std::process::ExitCode {
         }
         Some(Command::Worker(args)) => {
             sluice_worker::init_logging();
-            sluice_worker::start(args)
+            sluice_worker::start(*args)
         }
         None => {
             sluice_worker::init_logging();

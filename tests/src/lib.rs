@@ -2,6 +2,8 @@
 //! loopback ports, talk to them over HTTP, wait on probes (never on fixed sleeps), and kill
 //! every process when a test ends, however it ends.
 
+pub mod net;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -70,6 +72,7 @@ impl Proc {
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line.clone());
                 if !sent && line.contains(&marker) {
                     if let Some(addr) = line
                         .split(&key)
@@ -82,7 +85,6 @@ impl Proc {
                         }
                     }
                 }
-                sink.lock().unwrap().push(line);
             }
         });
         let proc = Proc {
@@ -225,6 +227,7 @@ impl Api {
 pub struct Worker {
     pub proc: Proc,
     pub admin: SocketAddr,
+    pub https: SocketAddr,
     pub http: Http,
 }
 
@@ -257,9 +260,22 @@ impl Worker {
             "admin",
             "sluice-worker started",
         );
+        let https = proc
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|l| {
+                l.split("https=")
+                    .nth(1)
+                    .and_then(|a| a.split_whitespace().next())
+                    .and_then(|a| a.parse().ok())
+            })
+            .expect("worker logged its https address");
         Worker {
             proc,
             admin,
+            https,
             http: Http::new(format!("http://{admin}"), None),
         }
     }

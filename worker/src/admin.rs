@@ -23,6 +23,8 @@ pub struct Status {
     pub name: String,
     pub api: String,
     pub api_connected: bool,
+    /// The HTTPS listener's address.
+    pub https_address: Option<String>,
     pub applied_version: Option<u64>,
     pub applied_hash: Option<String>,
     pub applied_at: Option<String>,
@@ -49,6 +51,7 @@ async fn status(State(w): State<Arc<Worker>>) -> Json<Status> {
         name: w.name.clone(),
         api: w.api.clone(),
         api_connected: w.connected.load(Ordering::Relaxed),
+        https_address: w.https_bound.get().map(|a| a.to_string()),
         applied_version: rt.as_ref().map(|r| r.version.get()),
         applied_hash: rt.as_ref().map(|r| r.hash.clone()),
         applied_at: rt.as_ref().map(|r| r.applied_at.clone()),

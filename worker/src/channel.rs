@@ -156,7 +156,14 @@ async fn session(worker: &Arc<Worker>, backoff: &mut Backoff) -> Result<(), Chan
         applied_version: applied.as_ref().map(|a| a.0),
         applied_hash: applied.map(|a| a.1),
         protocol_version: PROTOCOL_VERSION,
-        address: Some(worker.https_addr.to_string()),
+        address: Some(
+            worker
+                .https_bound
+                .get()
+                .copied()
+                .unwrap_or(worker.https_addr)
+                .to_string(),
+        ),
         admin_address: worker.admin_addr.get().map(|a| a.to_string()),
     };
     sink.send(to_message(encode(&hello, false))).await?;
@@ -206,10 +213,24 @@ async fn session(worker: &Arc<Worker>, backoff: &mut Backoff) -> Result<(), Chan
 /// Build, switch, persist; the answer for the API.
 async fn apply(worker: &Arc<Worker>, snapshot: Snapshot) -> WorkerMessage {
     let version = snapshot.version;
+    if worker
+        .current
+        .applied()
+        .is_some_and(|(v, h)| v == version && h == snapshot.hash)
+    {
+        // Already serving exactly this: nothing to rebuild.
+        return WorkerMessage::Ack {
+            version,
+            hash: snapshot.hash,
+        };
+    }
     let keep = snapshot.clone();
     let now = crate::now_text();
-    let built =
-        tokio::task::spawn_blocking(move || runtime::build(snapshot, Source::Api, now)).await;
+    let previous = worker.current.load();
+    let built = tokio::task::spawn_blocking(move || {
+        runtime::build(snapshot, Source::Api, now, previous.as_deref())
+    })
+    .await;
     match built {
         Ok(Ok(rt)) => {
             let hash = rt.hash.clone();

@@ -33,6 +33,9 @@ pub struct WorkerArgs {
     /// Runtime threads; 0 = one per available core.
     #[arg(long, env = "SLUICE_THREADS", default_value_t = 0)]
     pub threads: usize,
+    /// On SIGTERM, how long open connections may take to finish, in milliseconds.
+    #[arg(long, env = "SLUICE_DRAIN_MS", default_value_t = 10_000)]
+    pub drain_ms: u64,
     /// Fixed worker id (managed workers get theirs from the API) [default: kept in the state dir].
     #[arg(long, env = "SLUICE_WORKER_ID", hide = true)]
     pub worker_id: Option<Uuid>,
@@ -44,4 +47,10 @@ pub struct WorkerArgs {
 pub struct Cli {
     #[command(flatten)]
     pub args: WorkerArgs,
+}
+
+impl WorkerArgs {
+    pub fn drain_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.drain_ms)
+    }
 }

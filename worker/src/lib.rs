@@ -5,11 +5,23 @@
 //! [`start`] is the whole program for `sluice-worker` and for `sluice-api worker`.
 
 pub mod admin;
+pub mod balance;
 pub mod channel;
 pub mod cli;
+pub mod copy;
+pub mod edge;
+pub mod headers;
+pub mod listener;
 pub mod metrics;
+pub mod passthrough;
+pub mod pool;
+pub mod prefixed;
+pub mod proxy_protocol;
 pub mod runtime;
+pub mod sni;
 pub mod state;
+pub mod terminate;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
@@ -33,7 +45,15 @@ pub struct Worker {
     pub api: String,
     token: String,
     pub https_addr: SocketAddr,
+    /// Port clients reach HTTPS on, for `X-Forwarded-Port` (default: the listener's).
+    pub public_https_port: Option<u16>,
+    /// How long a client may take to send its ClientHello.
+    pub hello_timeout: std::time::Duration,
+    /// Upstream HTTP/1.1 keep-alive connections.
+    pub pool: Arc<pool::Pool>,
     pub admin_addr: OnceLock<SocketAddr>,
+    /// The HTTPS listener's bound address.
+    pub https_bound: OnceLock<SocketAddr>,
     pub current: Current,
     pub connected: AtomicBool,
     pub metrics: Metrics,
@@ -84,7 +104,7 @@ fn load_stored(state: &StateDir, current: &Current) {
         Err(e) => tracing::warn!(error = %e, "ignoring the stored snapshot"),
         Ok(Some(snapshot)) => {
             let version = snapshot.version;
-            match runtime::build(snapshot, Source::StateDir, now_text()) {
+            match runtime::build(snapshot, Source::StateDir, now_text(), None) {
                 Ok(rt) => {
                     current.store(Arc::new(rt));
                     tracing::info!(%version, "serving the stored snapshot until the API answers");
@@ -129,7 +149,11 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         api: args.api.clone(),
         token,
         https_addr: args.https,
+        public_https_port: args.public_https_port,
+        hello_timeout: edge::HELLO_TIMEOUT,
+        pool: Arc::new(pool::Pool::default()),
         admin_addr: OnceLock::new(),
+        https_bound: OnceLock::new(),
         current: Current::default(),
         connected: AtomicBool::new(false),
         metrics: Metrics::default(),
@@ -147,8 +171,20 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding admin {}", args.admin))?;
     let admin_addr = admin.local_addr()?;
     let _ = worker.admin_addr.set(admin_addr);
-    tracing::info!(worker_id = %id, name = %worker.name, admin = %admin_addr, "sluice-worker started");
+    let https =
+        listener::bind(args.https).with_context(|| format!("binding HTTPS {}", args.https))?;
+    let https_addr = https.local_addr()?;
+    let _ = worker.https_bound.set(https_addr);
+    tracing::info!(worker_id = %id, name = %worker.name, https = %https_addr, admin = %admin_addr, "sluice-worker started");
+    listener::check_migrate();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let tracker = tokio_util::task::TaskTracker::new();
+    let edge_task = tokio::spawn(edge::serve(
+        worker.clone(),
+        https,
+        tracker.clone(),
+        stop_rx.clone(),
+    ));
     let admin_task = tokio::spawn({
         let mut stop = stop_rx.clone();
         let router = admin::router(worker.clone());
@@ -164,6 +200,17 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
+    let _ = edge_task.await;
+    tracker.close();
+    if tokio::time::timeout(args.drain_timeout(), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.len(),
+            "drain period over; closing the remaining connections"
+        );
+    }
     let _ = channel_task.await;
     let _ = admin_task.await;
     Ok(())

@@ -14,8 +14,10 @@ use rustls::sign::CertifiedKey;
 use sluice_shared::certs;
 use sluice_shared::hash::config_hash;
 use sluice_shared::validate::{validate, Invalid};
-use sluice_shared::{Config, ConfigVersion, Host, Snapshot};
+use sluice_shared::{Backend, Config, ConfigVersion, Host, Snapshot};
 use uuid::Uuid;
+
+use crate::balance::Balancer;
 
 /// Why a snapshot cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -57,9 +59,18 @@ pub struct Runtime {
     wildcard: HashMap<String, usize>,
     /// The certificate each terminate host uses, by host id.
     pub host_certificates: HashMap<Uuid, Uuid>,
+    /// Balancing state per backend.
+    balancers: HashMap<Uuid, (Backend, Arc<Balancer>)>,
+    /// rustls server configuration per certificate (for terminate hosts).
+    pub server_configs: HashMap<Uuid, Arc<rustls::ServerConfig>>,
 }
 
 impl Runtime {
+    /// The balancer of a backend.
+    pub fn balancer(&self, backend: Uuid) -> Option<&Balancer> {
+        self.balancers.get(&backend).map(|(_, b)| b.as_ref())
+    }
+
     /// The host serving `name` (an SNI or Host value): exact match first, then wildcard.
     pub fn host(&self, name: &str) -> Option<&Host> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
@@ -87,10 +98,13 @@ fn certified_key(name: &str, cert_pem: &str, key_pem: &str) -> Result<CertifiedK
 }
 
 /// Build the complete runtime state from a snapshot, or say why it cannot serve.
+///
+/// Balancing state of backends that did not change is carried over from `previous`.
 pub fn build(
     snapshot: Snapshot,
     source: Source,
     applied_at: String,
+    previous: Option<&Runtime>,
 ) -> Result<Runtime, BuildError> {
     let Snapshot {
         version,
@@ -107,14 +121,18 @@ pub fn build(
     }
     let validated = validate(&config)?;
     let mut certified = HashMap::with_capacity(config.certificates.len());
+    let mut server_configs = HashMap::with_capacity(config.certificates.len());
     for cert in &mut config.certificates {
         let key = cert.key_pem.take().ok_or_else(|| BuildError::MissingKey {
             name: cert.name.clone(),
         })?;
-        certified.insert(
-            cert.id,
-            Arc::new(certified_key(&cert.name, &cert.cert_pem, &key)?),
-        );
+        let ck = Arc::new(certified_key(&cert.name, &cert.cert_pem, &key)?);
+        let sc = crate::terminate::server_config(ck.clone()).map_err(|e| BuildError::Tls {
+            name: cert.name.clone(),
+            reason: e.to_string(),
+        })?;
+        certified.insert(cert.id, ck);
+        server_configs.insert(cert.id, sc);
     }
     let mut exact = HashMap::new();
     let mut wildcard = HashMap::new();
@@ -124,7 +142,26 @@ pub fn build(
             None => exact.insert(h.hostname.as_str().to_owned(), i),
         };
     }
+    let balancers = config
+        .backends
+        .iter()
+        .map(|b| {
+            let kept = previous
+                .and_then(|p| p.balancers.get(&b.id))
+                .filter(|(old, _)| old == b)
+                .map(|(_, bal)| bal.clone());
+            (
+                b.id,
+                (
+                    b.clone(),
+                    kept.unwrap_or_else(|| Arc::new(Balancer::new(b))),
+                ),
+            )
+        })
+        .collect();
     Ok(Runtime {
+        server_configs,
+        balancers,
         version,
         hash,
         source,

@@ -223,14 +223,20 @@ async fn serve(
                         app.workers.acked(worker_id, version);
                         tracing::info!(%worker_id, %version, "worker applied version");
                         pos.applied = Some((version, hash));
-                        pos.in_flight = None;
+                        // Only the answer to the newest version sent clears it: Acks of
+                        // older versions still queued at the worker must not cause a resend.
+                        if pos.in_flight.is_some_and(|f| f <= version) {
+                            pos.in_flight = None;
+                        }
                         push_if_behind(app, sink, &mut pos).await?;
                     }
                     WorkerMessage::Nack { version, error } => {
                         app.db.worker_rejected(worker_id, version, &error, &now_text()).await?;
                         tracing::warn!(%worker_id, %version, %error, "worker rejected version; it keeps its previous one");
                         pos.rejected = Some(version);
-                        pos.in_flight = None;
+                        if pos.in_flight.is_some_and(|f| f <= version) {
+                            pos.in_flight = None;
+                        }
                         push_if_behind(app, sink, &mut pos).await?;
                     }
                     WorkerMessage::Heartbeat | WorkerMessage::HealthReport { .. } => {}

@@ -23,7 +23,7 @@ use crate::db::Db;
 use crate::workers::Hub;
 
 /// How long a stopping worker may take to drain before SIGKILL.
-pub const GRACE: Duration = Duration::from_secs(10);
+pub const GRACE: Duration = Duration::from_secs(15);
 /// How long a replacement may take to apply the current version.
 pub const REPLACE_TIMEOUT: Duration = Duration::from_secs(30);
 

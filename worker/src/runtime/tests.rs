@@ -57,7 +57,7 @@ fn seed(key_ok: bool) -> Snapshot {
 
 #[test]
 fn builds_routes_and_keys() {
-    let rt = build(seed(true), Source::Api, "now".into()).unwrap();
+    let rt = build(seed(true), Source::Api, "now".into(), None).unwrap();
     assert_eq!(rt.certified.len(), 1);
     assert!(
         rt.config.certificates[0].key_pem.is_none(),
@@ -73,25 +73,25 @@ fn builds_routes_and_keys() {
 #[test]
 fn refuses_mismatched_keys_hashes_and_missing_keys() {
     assert!(matches!(
-        build(seed(false), Source::Api, "now".into()),
+        build(seed(false), Source::Api, "now".into(), None),
         Err(BuildError::Tls { .. })
     ));
     let mut s = seed(true);
     s.hash = "00".repeat(32);
     assert!(matches!(
-        build(s, Source::Api, "now".into()),
+        build(s, Source::Api, "now".into(), None),
         Err(BuildError::HashMismatch { .. })
     ));
     let mut s = seed(true);
     s.config.certificates[0].key_pem = None;
     assert!(matches!(
-        build(s, Source::Api, "now".into()),
+        build(s, Source::Api, "now".into(), None),
         Err(BuildError::MissingKey { .. })
     ));
     let mut s = seed(true);
     s.config.certificates[0].key_pem = Some("tampered".into());
     assert!(matches!(
-        build(s, Source::Api, "now".into()),
+        build(s, Source::Api, "now".into(), None),
         Err(BuildError::Invalid(_))
     ));
 }

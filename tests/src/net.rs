@@ -1,0 +1,382 @@
+//! In-process peers for the data-plane tests: an HTTP/1.1 echo backend that records exactly
+//! what reached it, a TLS backend for passthrough (its own certificate, optional PROXY header),
+//! a test CA, and TLS clients speaking HTTP/1.1 or HTTP/2 through the worker.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::{json, Map, Value};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// A certificate authority for tests, and leaf certificates it signs.
+pub struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    pub pem: String,
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Sluice Test CA");
+        let cert = params.self_signed(&key).expect("ca");
+        let pem = cert.pem();
+        TestCa { cert, key, pem }
+    }
+
+    /// A leaf for these names: (chain PEM, key PEM).
+    pub fn leaf(&self, sans: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            sans.first().copied().unwrap_or("leaf"),
+        );
+        let cert = params.signed_by(&key, &self.cert, &self.key).expect("leaf");
+        (format!("{}{}", cert.pem(), self.pem), key.serialize_pem())
+    }
+
+    pub fn der(&self) -> CertificateDer<'static> {
+        self.cert.der().clone()
+    }
+}
+
+/// What one request looked like when it reached a backend.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub version: String,
+    /// Header values by lower-case name, in order.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// An HTTP/1.1 backend answering every request with `{"backend": name}` and recording it.
+pub struct EchoBackend {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for EchoBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl EchoBackend {
+    pub async fn start(name: &str) -> EchoBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (n, s, c) = (name.to_owned(), seen.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (n, s) = (n.clone(), s.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (n, s) = (n.clone(), s.clone());
+                        async move {
+                            let seen = Seen {
+                                method: req.method().to_string(),
+                                path: req.uri().to_string(),
+                                version: format!("{:?}", req.version()),
+                                headers: req
+                                    .headers()
+                                    .iter()
+                                    .map(|(k, v)| {
+                                        (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned())
+                                    })
+                                    .collect(),
+                            };
+                            s.lock().unwrap().push(seen);
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().len())
+                                .unwrap_or(0);
+                            let out = json!({"backend": n, "body_bytes": body}).to_string();
+                            Ok::<_, Infallible>(
+                                Response::builder()
+                                    .header("x-backend", n.as_str())
+                                    .header("connection", "keep-alive")
+                                    .body(Full::new(Bytes::from(out)))
+                                    .expect("response"),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        EchoBackend {
+            addr,
+            name: name.to_owned(),
+            seen,
+            connections,
+            task,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// A TLS backend for passthrough: its own certificate, HTTP/1.1 inside, answering with its
+/// name; with `proxy_protocol` it first reads a PROXY v1 line and records it.
+pub struct TlsBackend {
+    pub addr: SocketAddr,
+    pub proxy_lines: Arc<Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for TlsBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TlsBackend {
+    pub async fn start(
+        name: &str,
+        chain_pem: &str,
+        key_pem: &str,
+        proxy_protocol: bool,
+    ) -> TlsBackend {
+        use rustls::pki_types::pem::PemObject;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .expect("chain");
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let proxy_lines = Arc::new(Mutex::new(Vec::new()));
+        let (lines, name) = (proxy_lines.clone(), name.to_owned());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, lines, name) = (acceptor.clone(), lines.clone(), name.clone());
+                tokio::spawn(async move {
+                    if proxy_protocol {
+                        let mut line = Vec::new();
+                        let mut byte = [0u8; 1];
+                        while !line.ends_with(b"\r\n") && line.len() < 108 {
+                            if stream.read_exact(&mut byte).await.is_err() {
+                                return;
+                            }
+                            line.push(byte[0]);
+                        }
+                        lines
+                            .lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&line).trim_end().to_owned());
+                    }
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let svc = service_fn(move |_req: Request<Incoming>| {
+                        let body = json!({"backend": name.clone(), "h2": h2}).to_string();
+                        async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
+                    });
+                    let io = TokioIo::new(tls);
+                    if h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await;
+                    }
+                });
+            }
+        });
+        TlsBackend {
+            addr,
+            proxy_lines,
+            task,
+        }
+    }
+}
+
+/// A TLS connection to `addr` with SNI `sni`, trusting `root`, offering `alpn`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    root: CertificateDer<'static>,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root).map_err(std::io::Error::other)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(std::io::Error::other)?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(sni.to_owned()).map_err(std::io::Error::other)?;
+    connector.connect(name, tcp).await
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Value,
+}
+
+async fn read(resp: Response<Incoming>) -> Reply {
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn build(
+    method: &str,
+    uri: &str,
+    host: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Request<Full<Bytes>> {
+    let mut b = Request::builder().method(method).uri(uri);
+    if let Some(h) = host {
+        b = b.header("host", h);
+    }
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::new())).expect("request")
+}
+
+/// An HTTP/1.1 client on one TLS connection.
+pub struct H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>);
+
+impl H1 {
+    pub async fn new(tls: tokio_rustls::client::TlsStream<TcpStream>) -> H1 {
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("h1 handshake");
+        tokio::spawn(conn);
+        H1(send)
+    }
+
+    pub async fn get(&mut self, host: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+        self.0.ready().await.expect("ready");
+        read(
+            self.0
+                .send_request(build("GET", path, Some(host), headers))
+                .await
+                .expect("h1 request"),
+        )
+        .await
+    }
+}
+
+/// An HTTP/2 client on one TLS connection.
+#[derive(Clone)]
+pub struct H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>);
+
+impl H2 {
+    pub async fn new(tls: tokio_rustls::client::TlsStream<TcpStream>) -> H2 {
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        H2(send)
+    }
+
+    pub async fn get(&mut self, authority: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+        self.0.ready().await.expect("ready");
+        let req = build("GET", &format!("https://{authority}{path}"), None, headers);
+        read(self.0.send_request(req).await.expect("h2 request")).await
+    }
+}
+
+/// JSON object of a backend reply.
+pub fn backend_of(reply: &Reply) -> String {
+    reply
+        .body
+        .get("backend")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// An empty JSON object (for building bodies).
+pub fn obj() -> Map<String, Value> {
+    Map::new()
+}

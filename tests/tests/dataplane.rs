@@ -1,0 +1,441 @@
+//! The data plane end to end: a real API and worker process, rcgen certificates, in-process
+//! backends that record what reached them, and HTTP/1.1 and HTTP/2 clients over real TLS.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use sluice_tests::net::{backend_of, tls_connect, EchoBackend, TestCa, TlsBackend, H1, H2};
+use sluice_tests::{Api, Worker, WORKER_TOKEN};
+
+struct Seed {
+    api: Api,
+    worker: Worker,
+    ca: TestCa,
+    odoo_ca: TestCa,
+    redmine: Vec<EchoBackend>,
+    odoo: Vec<TlsBackend>,
+    ids: HashMap<String, String>,
+    _dir: tempfile::TempDir,
+}
+
+async fn post(api: &Api, path: &str, body: Value) -> String {
+    let (status, reply) = api.http.post(path, body).await;
+    assert_eq!(status, 201, "POST {path}: {reply}");
+    reply["id"].as_str().unwrap().to_owned()
+}
+
+/// The seed scenario of DESIGN.md on loopback, plus hosts for the error cases.
+async fn seed() -> Seed {
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(
+        &dir.path().join("api"),
+        "127.0.0.1:0",
+        &["--workers", "0", "--heartbeat-ms", "200"],
+    );
+    let worker = Worker::start(&api.url(), &dir.path().join("w"), "edge-1", WORKER_TOKEN);
+    let ca = TestCa::new();
+    let odoo_ca = TestCa::new();
+    let redmine = vec![
+        EchoBackend::start("redmine-1").await,
+        EchoBackend::start("redmine-2").await,
+    ];
+    let (odoo_chain, odoo_key) = odoo_ca.leaf(&["odoo.beerme", "pp.beerme"]);
+    let odoo = vec![
+        TlsBackend::start("odoo-1", &odoo_chain, &odoo_key, false).await,
+        TlsBackend::start("odoo-2", &odoo_chain, &odoo_key, false).await,
+        TlsBackend::start("odoo-pp", &odoo_chain, &odoo_key, true).await,
+    ];
+    let mut ids = HashMap::new();
+    let (chain, key) = ca.leaf(&["*.beerme", "redmine.beerme", "down.beerme", "empty.beerme"]);
+    ids.insert(
+        "cert".into(),
+        post(
+            &api,
+            "/v1/certificates",
+            json!({"name": "beerme", "cert_pem": chain, "key_pem": key}),
+        )
+        .await,
+    );
+    let (chain2, key2) = ca.leaf(&["other.beerme"]);
+    ids.insert(
+        "cert2".into(),
+        post(
+            &api,
+            "/v1/certificates",
+            json!({"name": "other", "cert_pem": chain2, "key_pem": key2}),
+        )
+        .await,
+    );
+    let servers = |addrs: Vec<String>| {
+        addrs
+            .into_iter()
+            .map(|a| json!({"address": a}))
+            .collect::<Vec<_>>()
+    };
+    ids.insert(
+        "redmine".into(),
+        post(
+            &api,
+            "/v1/backends",
+            json!({"name": "redmine", "protocol": "http",
+        "servers": servers(redmine.iter().map(|b| b.addr.to_string()).collect())}),
+        )
+        .await,
+    );
+    ids.insert(
+        "odoo".into(),
+        post(
+            &api,
+            "/v1/backends",
+            json!({"name": "odoo", "protocol": "tcp",
+        "servers": servers(odoo[..2].iter().map(|b| b.addr.to_string()).collect())}),
+        )
+        .await,
+    );
+    ids.insert(
+        "pp".into(),
+        post(
+            &api,
+            "/v1/backends",
+            json!({"name": "pp", "protocol": "tcp",
+        "servers": servers(vec![odoo[2].addr.to_string()])}),
+        )
+        .await,
+    );
+    // Nothing listens on port 1: connects are refused.
+    ids.insert(
+        "dead".into(),
+        post(
+            &api,
+            "/v1/backends",
+            json!({"name": "dead", "protocol": "http",
+        "servers": [{"address": "127.0.0.1:1"}]}),
+        )
+        .await,
+    );
+    ids.insert(
+        "empty".into(),
+        post(
+            &api,
+            "/v1/backends",
+            json!({"name": "empty", "protocol": "http", "servers": []}),
+        )
+        .await,
+    );
+    let backend_ids = ids.clone();
+    let host = |name: &str, mode: &str, backend: &str| json!({"hostname": name, "mode": mode, "backend_id": backend_ids[backend]});
+    let mut redmine_host = host("redmine.beerme", "terminate", "redmine");
+    redmine_host["request_headers"] = json!({"set": {"x-env": "prod"}, "remove": ["x-debug"]});
+    ids.insert(
+        "redmine.beerme".into(),
+        post(&api, "/v1/hosts", redmine_host).await,
+    );
+    post(
+        &api,
+        "/v1/hosts",
+        host("odoo.beerme", "passthrough", "odoo"),
+    )
+    .await;
+    let mut pp = host("pp.beerme", "passthrough", "pp");
+    pp["proxy_protocol"] = json!("v1");
+    post(&api, "/v1/hosts", pp).await;
+    let mut other = host("other.beerme", "terminate", "redmine");
+    other["certificate_id"] = json!(ids["cert2"]);
+    post(&api, "/v1/hosts", other).await;
+    post(&api, "/v1/hosts", host("down.beerme", "terminate", "dead")).await;
+    post(
+        &api,
+        "/v1/hosts",
+        host("empty.beerme", "terminate", "empty"),
+    )
+    .await;
+    let v = api.version().await;
+    worker.wait_version(v).await;
+    Seed {
+        api,
+        worker,
+        ca,
+        odoo_ca,
+        redmine,
+        odoo,
+        ids,
+        _dir: dir,
+    }
+}
+
+impl Seed {
+    async fn h1(&self, sni: &str) -> H1 {
+        let tls = tls_connect(self.worker.https, sni, self.ca.der(), &[b"http/1.1"])
+            .await
+            .expect("tls");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+        H1::new(tls).await
+    }
+
+    async fn h2(&self, sni: &str) -> H2 {
+        let tls = tls_connect(self.worker.https, sni, self.ca.der(), &[b"h2", b"http/1.1"])
+            .await
+            .expect("tls");
+        assert_eq!(
+            tls.get_ref().1.alpn_protocol(),
+            Some(&b"h2"[..]),
+            "h2 negotiated"
+        );
+        H2::new(tls).await
+    }
+
+    fn seen(&self) -> Vec<sluice_tests::net::Seen> {
+        self.redmine.iter().flat_map(|b| b.requests()).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_http1_and_http2_reach_the_backend_with_forwarded_headers() {
+    let s = seed().await;
+    let port = s.worker.https.port().to_string();
+    let spoof = [
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-port", "1"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-debug", "1"),
+    ];
+
+    let mut h1 = s.h1("redmine.beerme").await;
+    let r = h1.get("redmine.beerme", "/issues?page=2", &spoof).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let mut h2 = s.h2("redmine.beerme").await;
+    let r2 = h2.get("redmine.beerme", "/projects", &spoof).await;
+    assert_eq!(r2.status, 200, "{:?}", r2.body);
+
+    let seen = s.seen();
+    assert_eq!(seen.len(), 2);
+    for (req, path) in seen.iter().zip(["/issues?page=2", "/projects"]) {
+        assert_eq!(req.path, path);
+        assert_eq!(req.version, "HTTP/1.1");
+        assert_eq!(req.header("host"), Some("redmine.beerme"));
+        assert_eq!(
+            req.header("x-forwarded-for"),
+            Some("6.6.6.6, 127.0.0.1"),
+            "client address appended"
+        );
+        assert_eq!(req.header("x-forwarded-proto"), Some("https"));
+        assert_eq!(req.header("x-forwarded-port"), Some(port.as_str()));
+        assert_eq!(req.header("x-forwarded-host"), Some("redmine.beerme"));
+        assert_eq!(req.header("x-env"), Some("prod"), "host rule set");
+        assert_eq!(req.header("x-debug"), None, "host rule removed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_alternates_exactly_and_upstream_connections_are_kept_alive() {
+    let s = seed().await;
+    let mut h2 = s.h2("redmine.beerme").await;
+    let mut order = Vec::new();
+    for _ in 0..8 {
+        let r = h2.get("redmine.beerme", "/", &[]).await;
+        assert_eq!(r.status, 200);
+        order.push(backend_of(&r));
+    }
+    assert_eq!(order, ["redmine-1", "redmine-2"].repeat(4));
+    let conns: usize = s
+        .redmine
+        .iter()
+        .map(|b| b.connections.load(Ordering::SeqCst))
+        .sum();
+    assert_eq!(conns, 2, "one kept-alive upstream connection per server");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_a_host_the_certificate_does_not_serve_is_421_and_unknown_sni_is_closed() {
+    let s = seed().await;
+    let mut h2 = s.h2("redmine.beerme").await;
+    // other.beerme is a terminate host, but with another certificate: misdirected.
+    assert_eq!(h2.get("other.beerme", "/", &[]).await.status, 421);
+    assert_eq!(h2.get("nowhere.example", "/", &[]).await.status, 421);
+    // The passthrough name is not served by this connection either.
+    assert_eq!(h2.get("odoo.beerme", "/", &[]).await.status, 421);
+    assert_eq!(h2.get("redmine.beerme", "/", &[]).await.status, 200);
+    // On its own connection, other.beerme is served.
+    let mut other = s.h2("other.beerme").await;
+    assert_eq!(other.get("other.beerme", "/", &[]).await.status, 200);
+    // Unknown SNI: the connection is closed, no certificate is sent.
+    assert!(
+        tls_connect(s.worker.https, "unknown.example", s.ca.der(), &[b"h2"])
+            .await
+            .is_err()
+    );
+    let metrics = s.worker.http.get("/metrics").await.1;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains(r#"sluice_worker_connections_closed_total{reason="UnknownSni"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_reaches_backends_that_hold_their_own_certificate() {
+    let s = seed().await;
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        // Trusting only the backend's CA proves the handshake is with the backend.
+        let tls = tls_connect(
+            s.worker.https,
+            "odoo.beerme",
+            s.odoo_ca.der(),
+            &[b"h2", b"http/1.1"],
+        )
+        .await
+        .expect("tls to backend");
+        assert_eq!(
+            tls.get_ref().1.alpn_protocol(),
+            Some(&b"h2"[..]),
+            "ALPN negotiated end to end"
+        );
+        let mut h2 = H2::new(tls).await;
+        let r = h2.get("odoo.beerme", "/web", &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body["h2"], true);
+        order.push(backend_of(&r));
+    }
+    assert_eq!(order, ["odoo-1", "odoo-2", "odoo-1", "odoo-2"]);
+    // The proxy's own certificate is not what odoo.beerme presents.
+    assert!(
+        tls_connect(s.worker.https, "odoo.beerme", s.ca.der(), &[b"h2"])
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_sends_the_proxy_protocol_header_when_asked() {
+    let s = seed().await;
+    let tls = tls_connect(s.worker.https, "pp.beerme", s.odoo_ca.der(), &[b"http/1.1"])
+        .await
+        .expect("tls");
+    let local = tls.get_ref().0.local_addr().unwrap();
+    let mut h1 = H1::new(tls).await;
+    assert_eq!(h1.get("pp.beerme", "/", &[]).await.status, 200);
+    let lines = s.odoo[2].proxy_lines.lock().unwrap().clone();
+    assert_eq!(
+        lines,
+        [format!(
+            "PROXY TCP4 127.0.0.1 127.0.0.1 {} {}",
+            local.port(),
+            s.worker.https.port()
+        )]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_servers_are_502_and_no_server_is_503() {
+    let s = seed().await;
+    let mut h1 = s.h1("down.beerme").await;
+    let r = h1.get("down.beerme", "/", &[]).await;
+    assert_eq!(r.status, 502);
+    assert!(
+        !r.body.to_string().contains("127.0.0.1"),
+        "no internals in the body: {:?}",
+        r.body
+    );
+    let mut h2 = s.h2("empty.beerme").await;
+    assert_eq!(h2.get("empty.beerme", "/", &[]).await.status, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_connect_is_retried_on_the_other_server() {
+    let s = seed().await;
+    let live = s.redmine[0].addr.to_string();
+    let body = json!({"name": "redmine", "protocol": "http",
+        "servers": [{"address": "127.0.0.1:1"}, {"address": live}]});
+    let (status, _) = s
+        .api
+        .http
+        .send(
+            "PUT",
+            &format!("/v1/backends/{}", s.ids["redmine"]),
+            Some(body),
+        )
+        .await;
+    assert_eq!(status, 200);
+    s.worker.wait_version(s.api.version().await).await;
+    let mut h2 = s.h2("redmine.beerme").await;
+    for _ in 0..4 {
+        let r = h2.get("redmine.beerme", "/", &[]).await;
+        assert_eq!((r.status, backend_of(&r)), (200, "redmine-1".to_owned()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_snapshot_switches_during_load_fail_no_request() {
+    let s = Arc::new(seed().await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for i in 0..4 {
+        let (s, stop, failures, done) = (s.clone(), stop.clone(), failures.clone(), done.clone());
+        load.push(tokio::spawn(async move {
+            let mut h1 = if i % 2 == 0 {
+                Some(s.h1("redmine.beerme").await)
+            } else {
+                None
+            };
+            let mut h2 = if i % 2 == 1 {
+                Some(s.h2("redmine.beerme").await)
+            } else {
+                None
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let r = match (&mut h1, &mut h2) {
+                    (Some(c), _) => c.get("redmine.beerme", "/", &[]).await,
+                    (_, Some(c)) => c.get("redmine.beerme", "/", &[]).await,
+                    _ => unreachable!(),
+                };
+                if r.status != 200 {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let host = s.ids["redmine.beerme"].clone();
+    for i in 0..50 {
+        let body = json!({"hostname": "redmine.beerme", "mode": "terminate", "backend_id": s.ids["redmine"],
+            "request_headers": {"set": {"x-switch": i.to_string()}}});
+        let (status, reply) = s
+            .api
+            .http
+            .send("PUT", &format!("/v1/hosts/{host}"), Some(body))
+            .await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    let v = s.api.version().await;
+    s.worker.wait_version(v).await;
+    // Keep the load going until requests after the last switch have been served.
+    let after = done.load(Ordering::Relaxed);
+    sluice_tests::wait_for(std::time::Duration::from_secs(10), || async {
+        (done.load(Ordering::Relaxed) > after + 20).then_some(())
+    })
+    .await
+    .expect("load continued");
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "of {} requests",
+        done.load(Ordering::Relaxed)
+    );
+    assert!(
+        s.seen().iter().any(|r| r.header("x-switch") == Some("49")),
+        "the newest rules are in force"
+    );
+    assert!(done.load(Ordering::Relaxed) > 50);
+}

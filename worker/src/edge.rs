@@ -1,0 +1,126 @@
+//! The HTTPS listener: accept, peek the ClientHello (without consuming it), and hand the
+//! connection to passthrough or termination by its SNI, exact name before wildcard. Unknown
+//! or missing SNI, non-TLS bytes, a malformed or too slow hello: the connection is closed and
+//! counted (NGINX's `default blackhole`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_shared::Mode;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::Closed;
+use crate::sni::{self, Peek};
+use crate::Worker;
+
+/// How long a client may take to send its whole ClientHello (HAProxy's `inspect-delay`).
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Hard cap on bytes read while waiting for the hello (a 64 KiB hello in 1-byte records).
+const PEEK_CAP: usize = 6 * sni::MAX_HELLO + 5;
+
+/// Read until the ClientHello is complete; returns the bytes read and the verdict.
+pub async fn read_hello(
+    stream: &mut TcpStream,
+    timeout: Duration,
+) -> (Vec<u8>, Result<Peek, Closed>) {
+    let mut buf = Vec::with_capacity(2048);
+    let result = tokio::time::timeout(timeout, async {
+        loop {
+            match sni::peek(&buf) {
+                Peek::NeedMore => {}
+                verdict => return Ok(verdict),
+            }
+            if buf.len() >= PEEK_CAP {
+                return Ok(Peek::Malformed);
+            }
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return Err(Closed::ClientGone),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or(Err(Closed::HelloTimeout));
+    (buf, result)
+}
+
+/// Serve one accepted connection.
+async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let Some(rt) = worker.current.load() else {
+        worker.metrics.closed(Closed::NotReady);
+        return;
+    };
+    let (peeked, verdict) = read_hello(&mut stream, worker.hello_timeout).await;
+    let name = match verdict {
+        Ok(Peek::Sni(name)) => name,
+        Ok(Peek::NoSni) => return worker.metrics.closed(Closed::NoSni),
+        Ok(Peek::NotTls) => return worker.metrics.closed(Closed::NotTls),
+        Ok(Peek::Malformed) => return worker.metrics.closed(Closed::Malformed),
+        Ok(Peek::NeedMore) | Err(Closed::ClientGone) => {
+            return worker.metrics.closed(Closed::ClientGone)
+        }
+        Err(other) => return worker.metrics.closed(other),
+    };
+    let Some(host) = rt.host(&name) else {
+        tracing::debug!(%peer, sni = %name, "no host for this SNI; closing");
+        return worker.metrics.closed(Closed::UnknownSni);
+    };
+    match host.mode {
+        Mode::Passthrough => {
+            worker.metrics.passthrough_started();
+            match crate::passthrough::forward(stream, peeked, host, &rt, peer, local).await {
+                Ok(moved) => {
+                    tracing::debug!(%peer, host = %host.hostname, ?moved, "passthrough done")
+                }
+                Err(e) => {
+                    worker.metrics.passthrough_failed();
+                    tracing::info!(%peer, host = %host.hostname, error = %e, "passthrough failed");
+                }
+            }
+        }
+        Mode::Terminate => {
+            let host = host.clone();
+            crate::terminate::serve(
+                worker.clone(),
+                rt.clone(),
+                stream,
+                peeked,
+                host,
+                peer,
+                local,
+            )
+            .await;
+        }
+    }
+}
+
+/// Accept connections until `stop` turns true; every connection is tracked for draining.
+pub async fn serve(
+    worker: Arc<Worker>,
+    listener: TcpListener,
+    tracker: TaskTracker,
+    mut stop: watch::Receiver<bool>,
+) {
+    let local = listener.local_addr().ok();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let local = stream.local_addr().ok().or(local).unwrap_or(peer);
+                    tracker.spawn(handle(worker.clone(), stream, peer, local));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off a moment instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.changed() => return,
+        }
+    }
+}

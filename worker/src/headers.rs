@@ -1,0 +1,204 @@
+//! Header rules for terminated requests, as pure functions: hop-by-hop headers are dropped,
+//! `X-Forwarded-For` gets the client address appended, `X-Forwarded-Proto`/`-Port`/`-Host` are
+//! overwritten (never trusted from the client), `Host` is kept (and made from `:authority` for
+//! HTTP/2 clients), then the host's own `request_headers` rules apply.
+
+use std::net::IpAddr;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
+use sluice_shared::RequestHeaders;
+
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1), plus
+/// `proxy-connection`.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Client-supplied forwarding headers that are never passed on.
+const UNTRUSTED: &[&str] = &["forwarded", "x-real-ip"];
+
+/// Remove hop-by-hop headers, including every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().to_ascii_lowercase().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// What the forwarded headers say about a request.
+#[derive(Debug, Clone)]
+pub struct Forwarding<'a> {
+    pub client: IpAddr,
+    /// The host as the client sent it (`Host` or `:authority`, port included).
+    pub host: &'a str,
+    /// The port clients reached us on.
+    pub public_port: u16,
+    pub rules: &'a RequestHeaders,
+}
+
+/// Rewrite request headers for the upstream (see the module docs).
+pub fn forward_request(headers: &mut HeaderMap, f: &Forwarding<'_>) {
+    strip_hop_by_hop(headers);
+    for name in UNTRUSTED {
+        headers.remove(*name);
+    }
+    let mut xff: Vec<String> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .collect();
+    xff.push(f.client.to_string());
+    headers.remove("x-forwarded-for");
+    if let Ok(v) = HeaderValue::from_str(&xff.join(", ")) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    headers.insert("x-forwarded-port", HeaderValue::from(f.public_port));
+    if let Ok(host) = HeaderValue::from_str(f.host) {
+        headers.insert("x-forwarded-host", host.clone());
+        headers.insert(HOST, host);
+    }
+    for name in &f.rules.remove {
+        headers.remove(name.as_str());
+    }
+    for (name, value) in &f.rules.set {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.insert(n, v);
+        }
+    }
+}
+
+/// The host name of a `Host`/`:authority` value: port removed, lower case, no trailing dot.
+pub fn host_name(authority: &str) -> String {
+    let without_port = if authority.starts_with('[') {
+        authority
+            .split(']')
+            .next()
+            .map(|h| format!("{h}]"))
+            .unwrap_or_default()
+    } else {
+        authority
+            .rsplit_once(':')
+            .map_or(authority, |(h, p)| {
+                if p.bytes().all(|b| b.is_ascii_digit()) {
+                    h
+                } else {
+                    authority
+                }
+            })
+            .to_owned()
+    };
+    without_port.trim_end_matches('.').to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn spoofed_forwarding_headers_are_overwritten_and_xff_appended() {
+        let mut h = map(&[
+            ("host", "redmine.beerme"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-for", "5.6.7.8"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-port", "1"),
+            ("x-forwarded-host", "evil.example"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+        ]);
+        let rules = RequestHeaders::default();
+        forward_request(
+            &mut h,
+            &Forwarding {
+                client: "192.0.2.7".parse().unwrap(),
+                host: "redmine.beerme",
+                public_port: 443,
+                rules: &rules,
+            },
+        );
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-port"], "443");
+        assert_eq!(h["x-forwarded-host"], "redmine.beerme");
+        assert_eq!(h["host"], "redmine.beerme");
+        assert!(h.get("forwarded").is_none() && h.get("x-real-ip").is_none());
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_dropped() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("x-keep", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn rules_apply_after_forwarding() {
+        let mut rules = RequestHeaders::default();
+        rules.set.insert("x-env".into(), "prod".into());
+        rules.set.insert("x-forwarded-port".into(), "8443".into());
+        rules.remove.push("cookie".into());
+        let mut h = map(&[("cookie", "a=b")]);
+        forward_request(
+            &mut h,
+            &Forwarding {
+                client: "::1".parse().unwrap(),
+                host: "a.example:8443",
+                public_port: 443,
+                rules: &rules,
+            },
+        );
+        assert_eq!(h["x-env"], "prod");
+        assert_eq!(h["x-forwarded-port"], "8443");
+        assert!(h.get("cookie").is_none());
+        assert_eq!(h["host"], "a.example:8443");
+        assert_eq!(h["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn host_names() {
+        assert_eq!(host_name("Redmine.Beerme:8443"), "redmine.beerme");
+        assert_eq!(host_name("redmine.beerme."), "redmine.beerme");
+        assert_eq!(host_name("[::1]:443"), "[::1]");
+        assert_eq!(host_name("a.example"), "a.example");
+    }
+}

@@ -1,0 +1,36 @@
+//! Listening sockets with `SO_REUSEPORT`, so several workers (and a replacement) share a port.
+//!
+//! With `net.ipv4.tcp_migrate_req=1` (Linux 5.14+), connections still queued on a worker that
+//! closes its listener move to the others, which makes a replacement hitless; [`check_migrate`]
+//! warns when it is off.
+
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+
+/// Bind a TCP listener with `SO_REUSEADDR` and `SO_REUSEPORT`.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).ok();
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Log a warning when the kernel would reset queued connections of a closing listener.
+pub fn check_migrate() {
+    match std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req") {
+        Ok(v) if v.trim() == "1" => {}
+        Ok(_) => tracing::warn!(
+            "net.ipv4.tcp_migrate_req is 0: connections queued on a stopping worker are reset; \
+             set it to 1 for hitless worker restarts"
+        ),
+        Err(_) => {}
+    }
+}

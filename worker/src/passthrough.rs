@@ -1,0 +1,49 @@
+//! TLS passthrough: connect to a server of the host's `tcp` backend (retrying once on another
+//! server if the connect fails: nothing has been sent yet), send the PROXY header if asked,
+//! then the peeked ClientHello bytes, then both directions verbatim.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_shared::{Host, ProxyProtocol};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::copy;
+use crate::runtime::Runtime;
+use crate::upstream::{connect_any, UpstreamError};
+
+/// Idle timeout of a passthrough connection (no byte either way).
+pub const IDLE: Duration = Duration::from_secs(300);
+
+/// Why a passthrough connection ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum PassthroughError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("stream: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Forward one client connection to the host's backend.
+pub async fn forward(
+    client: TcpStream,
+    peeked: Vec<u8>,
+    host: &Host,
+    rt: &Arc<Runtime>,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Result<copy::Moved, PassthroughError> {
+    let (mut server, addr) = connect_any(rt, host.backend_id).await?;
+    let header = match host.proxy_protocol {
+        ProxyProtocol::None => Vec::new(),
+        ProxyProtocol::V1 => crate::proxy_protocol::v1(peer, local),
+        ProxyProtocol::V2 => crate::proxy_protocol::v2(peer, local),
+    };
+    let mut first = header;
+    first.extend_from_slice(&peeked);
+    server.write_all(&first).await?;
+    tracing::debug!(%peer, server = %addr, host = %host.hostname, "passthrough connected");
+    Ok(copy::bidirectional(client, server, IDLE).await?)
+}

@@ -1,0 +1,90 @@
+//! Connecting to a backend's servers: pick with the balancer, connect with a timeout, and on
+//! a failed connect try once more on another server.
+
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use uuid::Uuid;
+
+use sluice_shared::Server;
+
+use crate::balance::Pick;
+use crate::runtime::Runtime;
+
+/// Connect timeout to an upstream server.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why no upstream connection could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("backend {0} is not in the configuration")]
+    NoBackend(Uuid),
+    #[error("no usable server")]
+    NoServer,
+    #[error("connecting to {server} failed: {reason}")]
+    Connect { server: String, reason: String },
+}
+
+/// Connect to one server, with the connect timeout.
+pub async fn connect_server(server: &Server) -> Result<TcpStream, UpstreamError> {
+    let addr = server.address.to_string();
+    let attempt = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TcpStream::connect((server.address.host_str(), server.address.port())),
+    )
+    .await;
+    match attempt {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err(UpstreamError::Connect {
+            server: addr,
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(UpstreamError::Connect {
+            server: addr,
+            reason: "timed out".into(),
+        }),
+    }
+}
+
+/// A connected upstream and the server it came from (held as a request in flight).
+pub async fn connect_any(
+    rt: &Runtime,
+    backend_id: Uuid,
+) -> Result<(TcpStream, String), UpstreamError> {
+    let (stream, addr, _pick) = connect_with_pick(rt, backend_id).await?;
+    Ok((stream, addr))
+}
+
+/// As [`connect_any`], also returning the balancer's pick (drop it when the request is done).
+pub async fn connect_with_pick(
+    rt: &Runtime,
+    backend_id: Uuid,
+) -> Result<(TcpStream, String, Pick), UpstreamError> {
+    let backend = rt
+        .config
+        .backend(backend_id)
+        .ok_or(UpstreamError::NoBackend(backend_id))?;
+    let balancer = rt
+        .balancer(backend_id)
+        .ok_or(UpstreamError::NoBackend(backend_id))?;
+    let mut tried: Vec<usize> = Vec::with_capacity(2);
+    let mut last_error = None;
+    for _ in 0..2 {
+        let Some(pick) = balancer.pick(|i| !tried.contains(&i)) else {
+            break;
+        };
+        let server = &backend.servers[pick.index];
+        match connect_server(server).await {
+            Ok(stream) => return Ok((stream, server.address.to_string(), pick)),
+            Err(e) => {
+                tracing::debug!(error = %e, "upstream connect failed");
+                last_error = Some(e);
+                tried.push(pick.index);
+            }
+        }
+    }
+    Err(last_error.unwrap_or(UpstreamError::NoServer))
+}
