@@ -312,3 +312,130 @@ async fn managed_workers_are_restarted_replaced_and_stopped_with_the_api() {
         assert!(gone, "managed worker {pid} outlived the API");
     }
 }
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn migrate_req_on() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").is_ok_and(|v| v.trim() == "1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_managed_workers_refuses_no_connection() {
+    use sluice_tests::net::{tls_connect, TestCa, TlsBackend, H1};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let https: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let http = format!("127.0.0.1:{}", free_port());
+    let api = Api::start(
+        &dir.path().join("api"),
+        "127.0.0.1:0",
+        &[
+            "--workers",
+            "2",
+            "--heartbeat-ms",
+            "200",
+            "--worker-https",
+            &https.to_string(),
+            "--worker-http",
+            &http,
+        ],
+    );
+    let ca = TestCa::new();
+    let (chain, key) = ca.leaf(&["app.example"]);
+    let backend = TlsBackend::start("app", &chain, &key, false).await;
+    let (status, b) = api
+        .http
+        .post("/v1/backends", json!({"name": "app", "protocol": "tcp", "servers": [{"address": backend.addr.to_string()}]}))
+        .await;
+    assert_eq!(status, 201, "{b}");
+    let (status, _) = api
+        .http
+        .post(
+            "/v1/hosts",
+            json!({"hostname": "app.example", "mode": "passthrough", "backend_id": b["id"]}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let v = api.version().await;
+    let workers = api.wait_applied(2, v).await;
+
+    // A steady stream of new connections, each a full TLS exchange through a worker.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let (stop, ok, failed, root) = (stop.clone(), ok.clone(), failed.clone(), ca.der());
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let good = match tls_connect(https, "app.example", root.clone(), &[b"http/1.1"])
+                    .await
+                {
+                    Ok(tls) => H1::new(tls).await.get("app.example", "/", &[]).await.status == 200,
+                    Err(_) => false,
+                };
+                if good {
+                    ok.fetch_add(1, Ordering::Relaxed)
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed)
+                };
+            }
+        }));
+    }
+    for w in &workers {
+        let id = w["id"].as_str().unwrap();
+        let (status, replaced) = api
+            .http
+            .post(&format!("/v1/workers/{id}/restart"), json!(null))
+            .await;
+        assert_eq!(status, 200, "{replaced}");
+    }
+    let before = ok.load(Ordering::Relaxed);
+    wait_for(Duration::from_secs(10), || async {
+        (ok.load(Ordering::Relaxed) > before + 20).then_some(())
+    })
+    .await
+    .expect("traffic flows through the replacements");
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 20, "only {ok} connections served");
+    if migrate_req_on() {
+        assert_eq!(
+            failed,
+            0,
+            "{failed} of {} connections failed during the rolling restart",
+            ok + failed
+        );
+    } else {
+        // Without net.ipv4.tcp_migrate_req the kernel resets connections queued on a closing
+        // listener; .ci/run turns it on. Report what happened here.
+        eprintln!(
+            "tcp_migrate_req is off: {failed} of {} connections failed",
+            ok + failed
+        );
+    }
+    let now: Vec<String> = api
+        .workers()
+        .await
+        .iter()
+        .map(|w| w["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(now.len(), 2);
+    assert!(
+        workers
+            .iter()
+            .all(|w| !now.contains(&w["id"].as_str().unwrap().to_owned())),
+        "both replaced"
+    );
+}

@@ -59,6 +59,8 @@ pub struct Worker {
     pub metrics: Metrics,
     state: StateDir,
     persist_tx: watch::Sender<Option<Snapshot>>,
+    /// Turns true once a snapshot is in force (the listeners wait for it).
+    pub ready: watch::Sender<bool>,
 }
 
 impl Worker {
@@ -159,10 +161,12 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         metrics: Metrics::default(),
         state: state.clone(),
         persist_tx,
+        ready: watch::channel(false).0,
     });
     load_stored(&worker.state, &worker.current);
     if let Some(rt) = worker.current.load() {
         worker.metrics.applied(rt.version);
+        worker.ready.send_replace(true);
     }
     tokio::spawn(persist_loop(state, persist_rx));
 
@@ -179,12 +183,25 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     listener::check_migrate();
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracker = tokio_util::task::TaskTracker::new();
-    let edge_task = tokio::spawn(edge::serve(
-        worker.clone(),
-        https,
-        tracker.clone(),
-        stop_rx.clone(),
-    ));
+    // Join the port's listeners only with a snapshot to serve: a new worker (or a replacement)
+    // takes no connection it would have to close.
+    let edge_task = tokio::spawn({
+        let (worker, tracker, mut stop) = (worker.clone(), tracker.clone(), stop_rx.clone());
+        async move {
+            let mut ready = worker.ready.subscribe();
+            tokio::select! {
+                r = ready.wait_for(|r| *r) => if r.is_err() { return },
+                _ = stop.changed() => return,
+            }
+            match https.listen() {
+                Ok(listener) => {
+                    tracing::info!(addr = %https_addr, "https listening");
+                    edge::serve(worker, listener, tracker, stop).await;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot listen on the HTTPS port"),
+            }
+        }
+    });
     let admin_task = tokio::spawn({
         let mut stop = stop_rx.clone();
         let router = admin::router(worker.clone());

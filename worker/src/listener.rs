@@ -9,8 +9,28 @@ use std::net::SocketAddr;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
-/// Bind a TCP listener with `SO_REUSEADDR` and `SO_REUSEPORT`.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A socket bound to its address (so conflicts show at start-up) but not yet listening, so it
+/// takes no connections, and no share of the port's traffic, until [`Bound::listen`].
+#[derive(Debug)]
+pub struct Bound(Socket);
+
+impl Bound {
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("not an IP socket"))
+    }
+
+    /// Start listening: from now on the kernel hands this worker its share of connections.
+    pub fn listen(self) -> std::io::Result<TcpListener> {
+        self.0.listen(4096)?;
+        TcpListener::from_std(self.0.into())
+    }
+}
+
+/// Bind a TCP socket with `SO_REUSEADDR` and `SO_REUSEPORT`, without listening yet.
+pub fn bind(addr: SocketAddr) -> std::io::Result<Bound> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -19,8 +39,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    Ok(Bound(socket))
 }
 
 /// Log a warning when the kernel would reset queued connections of a closing listener.
