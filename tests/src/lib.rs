@@ -228,6 +228,8 @@ pub struct Worker {
     pub proc: Proc,
     pub admin: SocketAddr,
     pub https: SocketAddr,
+    /// The plain HTTP (redirect) listener.
+    pub plain: SocketAddr,
     pub http: Http,
 }
 
@@ -260,22 +262,26 @@ impl Worker {
             "admin",
             "sluice-worker started",
         );
-        let https = proc
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .find_map(|l| {
-                l.split("https=")
-                    .nth(1)
-                    .and_then(|a| a.split_whitespace().next())
-                    .and_then(|a| a.parse().ok())
-            })
-            .expect("worker logged its https address");
+        let logged = |key: &str| -> SocketAddr {
+            proc.log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains("sluice-worker started"))
+                .find_map(|l| {
+                    l.split(key)
+                        .nth(1)
+                        .and_then(|a| a.split_whitespace().next())
+                        .and_then(|a| a.parse().ok())
+                })
+                .expect("worker logged its addresses")
+        };
+        let (https, plain) = (logged(" https="), logged(" http="));
         Worker {
             proc,
             admin,
             https,
+            plain,
             http: Http::new(format!("http://{admin}"), None),
         }
     }
@@ -350,6 +356,31 @@ impl Http {
             status,
             serde_json::from_slice(&bytes).unwrap_or(Value::String(text.into_owned())),
         )
+    }
+
+    /// Send with an explicit `Host` header; returns the status and the `Location` header.
+    pub async fn send_with_host(
+        &self,
+        method: &str,
+        path: &str,
+        host: &str,
+    ) -> (u16, Option<String>) {
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("host", host)
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        match self.client.request(req).await {
+            Ok(resp) => (
+                resp.status().as_u16(),
+                resp.headers()
+                    .get("location")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            ),
+            Err(_) => (0, None),
+        }
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {

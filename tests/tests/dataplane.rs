@@ -439,3 +439,26 @@ async fn fifty_snapshot_switches_during_load_fail_no_request() {
     );
     assert!(done.load(Ordering::Relaxed) > 50);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_redirects_terminate_hosts_to_https_and_404s_the_rest() {
+    let s = seed().await;
+    let plain = sluice_tests::Http::new(format!("http://{}", s.worker.plain), None);
+    let port = s.worker.https.port();
+    let get = |host: &'static str| {
+        let plain = plain.clone();
+        async move { plain.send_with_host("GET", "/issues?x=1", host).await }
+    };
+    let (status, location) = get("redmine.beerme").await;
+    assert_eq!(status, 308);
+    assert_eq!(
+        location.as_deref(),
+        Some(format!("https://redmine.beerme:{port}/issues?x=1").as_str())
+    );
+    assert_eq!(
+        get("odoo.beerme").await.0,
+        404,
+        "passthrough hosts have no cleartext side"
+    );
+    assert_eq!(get("nowhere.example").await.0, 404);
+}

@@ -17,6 +17,7 @@ pub mod passthrough;
 pub mod pool;
 pub mod prefixed;
 pub mod proxy_protocol;
+pub mod redirect;
 pub mod runtime;
 pub mod sni;
 pub mod state;
@@ -179,7 +180,9 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         listener::bind(args.https).with_context(|| format!("binding HTTPS {}", args.https))?;
     let https_addr = https.local_addr()?;
     let _ = worker.https_bound.set(https_addr);
-    tracing::info!(worker_id = %id, name = %worker.name, https = %https_addr, admin = %admin_addr, "sluice-worker started");
+    let http = listener::bind(args.http).with_context(|| format!("binding HTTP {}", args.http))?;
+    let http_addr = http.local_addr()?;
+    tracing::info!(worker_id = %id, name = %worker.name, https = %https_addr, admin = %admin_addr, http = %http_addr, "sluice-worker started");
     listener::check_migrate();
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracker = tokio_util::task::TaskTracker::new();
@@ -193,13 +196,19 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 r = ready.wait_for(|r| *r) => if r.is_err() { return },
                 _ = stop.changed() => return,
             }
-            match https.listen() {
-                Ok(listener) => {
-                    tracing::info!(addr = %https_addr, "https listening");
-                    edge::serve(worker, listener, tracker, stop).await;
+            let (https, http) = match (https.listen(), http.listen()) {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::error!(error = %e, "cannot listen on the HTTPS or HTTP port");
+                    return;
                 }
-                Err(e) => tracing::error!(error = %e, "cannot listen on the HTTPS port"),
-            }
+            };
+            tracing::info!(https = %https_addr, http = %http_addr, "listening");
+            let public = worker.public_https_port.unwrap_or(https_addr.port());
+            tokio::join!(
+                edge::serve(worker.clone(), https, tracker.clone(), stop.clone()),
+                redirect::serve(worker, http, public, tracker, stop),
+            );
         }
     });
     let admin_task = tokio::spawn({
