@@ -48,6 +48,9 @@ pub struct ServeArgs {
     /// Port clients reach HTTPS on, for X-Forwarded-Port and redirects [default: the listener's].
     #[arg(long, env = "SLUICE_PUBLIC_HTTPS_PORT")]
     pub public_https_port: Option<u16>,
+    /// Largest body `PUT /v1/config` accepts, in bytes.
+    #[arg(long, env = "SLUICE_CONFIG_BODY_LIMIT", default_value_t = 64 * 1024 * 1024)]
+    pub config_body_limit: usize,
     /// Heartbeat interval of the worker channel, in milliseconds.
     #[arg(long, env = "SLUICE_HEARTBEAT_MS", default_value_t = 5000, hide = true)]
     pub heartbeat_ms: u64,

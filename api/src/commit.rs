@@ -17,7 +17,7 @@ use crate::db::{now_text, Db, DbError, VersionRow, WriteTx};
 use crate::error::{summarize, ApiError, FieldError};
 
 /// What a write is about, so problems can be named relative to it.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Finish {
     pub dry_run: bool,
     /// The object being written: its problems are named by bare field.
@@ -26,6 +26,8 @@ pub struct Finish {
     pub deleting: bool,
     /// Set by a restore: the version being restored.
     pub restored_from: Option<ConfigVersion>,
+    /// JSON path of each object (for whole-document writes), used to name problems.
+    pub paths: Option<std::sync::Arc<std::collections::HashMap<(ObjectKind, Uuid), String>>>,
 }
 
 /// The result of a write.
@@ -45,7 +47,10 @@ pub fn problems_to_error(invalid: Invalid, how: &Finish) -> ApiError {
         .0
         .into_iter()
         .map(|p| {
-            let field = if how.subject == Some((p.object, p.id)) {
+            let path = how.paths.as_ref().and_then(|m| m.get(&(p.object, p.id)));
+            let field = if let Some(path) = path {
+                format!("{path}.{}", p.field)
+            } else if how.subject == Some((p.object, p.id)) {
                 p.field
             } else {
                 format!("{}[{}].{}", p.object.collection(), p.name, p.field)
@@ -63,13 +68,13 @@ pub fn problems_to_error(invalid: Invalid, how: &Finish) -> ApiError {
 
 /// Validate the configuration in `tx` and commit it as one new version (see module docs).
 pub async fn finish(mut tx: WriteTx<'_>, how: Finish) -> Result<Outcome, ApiError> {
-    let config = tx.load_config().await?;
-    validate(&config).map_err(|inv| problems_to_error(inv, &how))?;
-    let hash = config_hash(&config);
     let (current, current_config) = match tx.current().await? {
         Some((row, cfg)) => (Some(row), cfg),
         None => (None, Arc::new(Config::default())),
     };
+    let config = tx.load_config().await?;
+    validate(&config).map_err(|inv| problems_to_error(inv, &how))?;
+    let hash = config_hash(&config);
     if let Some(cur) = &current {
         if cur.hash == hash {
             return Ok(Outcome {

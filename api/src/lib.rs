@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cli;
 pub mod commit;
 pub mod db;
+pub mod document;
 pub mod error;
 pub mod extract;
 pub mod metrics;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub workers: Arc<Hub>,
     /// Managed workers, when this API runs any.
     pub supervisor: Arc<OnceLock<Supervisor>>,
+    /// Body limit of `PUT /v1/config`, in bytes.
+    pub config_body_limit: usize,
 }
 
 impl AppState {
@@ -56,6 +59,7 @@ impl AppState {
             metrics: Arc::new(Metrics::default()),
             workers: Arc::new(Hub::new(Duration::from_secs(5))),
             supervisor: Arc::new(OnceLock::new()),
+            config_body_limit: 64 * 1024 * 1024,
         }
     }
 
@@ -79,6 +83,7 @@ async fn method_not_allowed() -> ApiError {
 
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
+    let config_limit = state.config_body_limit;
     let v1 = Router::new()
         .route(
             "/certificates",
@@ -102,7 +107,16 @@ pub fn app(state: AppState) -> Router {
             "/hosts/{id}",
             get(hosts::get).put(hosts::update).delete(hosts::delete),
         )
-        .route("/config", get(config::current))
+        .route(
+            "/config",
+            get(config::current)
+                .put(config::apply)
+                .layer::<_, std::convert::Infallible>(axum::Extension(extract::BodyLimit(
+                    config_limit,
+                )))
+                .layer::<_, std::convert::Infallible>(DefaultBodyLimit::max(config_limit)),
+        )
+        .route("/config/export", get(config::export))
         .route("/config/versions", get(config::history))
         .route("/config/versions/{version}", get(config::version))
         .route(
@@ -185,8 +199,10 @@ pub async fn open_state(args: &ServeArgs) -> anyhow::Result<AppState> {
     )
     .context("loading the worker token")?;
     log_token("worker", worker_src, &args.data_dir.join("worker.token"));
-    Ok(AppState::new(db, admin, worker)
-        .with_heartbeat(Duration::from_millis(args.heartbeat_ms.max(10))))
+    let mut state = AppState::new(db, admin, worker)
+        .with_heartbeat(Duration::from_millis(args.heartbeat_ms.max(10)));
+    state.config_body_limit = args.config_body_limit;
+    Ok(state)
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

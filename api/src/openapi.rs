@@ -38,7 +38,7 @@ impl Modify for BearerScheme {
         certificates::list, certificates::get, certificates::create, certificates::update, certificates::delete,
         backends::list, backends::get, backends::create, backends::update, backends::delete,
         hosts::list, hosts::get, hosts::create, hosts::update, hosts::delete,
-        config::current, config::history, config::version, config::restore, config::rollout,
+        config::current, config::history, config::version, config::restore, config::rollout, config::export, config::apply,
         workers::list, workers::get, workers::delete, workers::restart,
         ops::healthz, ops::readyz, ops::metrics,
     ),

@@ -439,3 +439,35 @@ async fn a_rolling_restart_of_managed_workers_refuses_no_connection() {
         "both replaced"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_hosts_and_a_thousand_certificates_reach_every_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(&dir.path().join("api"), "127.0.0.1:0", HEARTBEAT);
+    let w1 = Worker::start(&api.url(), &dir.path().join("w1"), "edge-1", WORKER_TOKEN);
+    let w2 = Worker::start(&api.url(), &dir.path().join("w2"), "edge-2", WORKER_TOKEN);
+    let certificates: Vec<_> = (0..1000)
+        .map(|i| {
+            let (cert, key) = self_signed(&[&format!("*.s{i}.example")]);
+            json!({"name": format!("c{i}"), "cert_pem": cert, "key_pem": key})
+        })
+        .collect();
+    let backends: Vec<_> = (0..100)
+        .map(|i| json!({"name": format!("b{i}"), "protocol": "http", "servers": [{"address": format!("10.1.0.{}:80", i + 1)}]}))
+        .collect();
+    let hosts: Vec<_> = (0..10_000)
+        .map(|i| {
+            json!({"hostname": format!("h{i}.s{}.example", i % 1000), "mode": "terminate",
+                   "backend": format!("b{}", i % 100), "certificate": format!("c{}", i % 1000)})
+        })
+        .collect();
+    let doc = json!({"certificates": certificates, "backends": backends, "hosts": hosts});
+    let (status, applied) = api.http.send("PUT", "/v1/config", Some(doc)).await;
+    assert_eq!(status, 200, "{applied}");
+    let v = applied["version"].as_u64().unwrap();
+    for w in [&w1, &w2] {
+        let s = w.wait_version(v).await;
+        assert_eq!(s["hosts"], 10_000);
+    }
+    api.wait_applied(2, v).await;
+}

@@ -11,6 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::{write_response, DryRun};
 use crate::commit::{finish, Finish};
 use crate::db::{now_text, VersionRow};
+use crate::document::ConfigDocument;
 use crate::error::{ApiError, Problem};
 use crate::extract::{ApiQuery, WriteParams};
 use crate::AppState;
@@ -268,4 +269,97 @@ pub async fn rollout(
         version: v,
         workers,
     }))
+}
+
+/// The outcome of applying a whole configuration document.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Applied {
+    /// The new version; the current one when nothing changed; the would-be one on a dry run.
+    pub version: ConfigVersion,
+    /// Did (or would) the document change anything?
+    pub changed: bool,
+    pub dry_run: bool,
+    pub diff: sluice_shared::diff::Diff,
+}
+
+/// The whole configuration as one portable document (names instead of ids, no keys).
+#[utoipa::path(get, path = "/v1/config/export", tag = "config", operation_id = "export_config",
+    responses((status = 200, body = ConfigDocument, headers(("ETag" = String, description = "the config version, for If-Match on PUT /v1/config"))),
+              (status = 401, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn export(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let row = app
+        .db
+        .current_version()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no version committed"))?;
+    let (_, config) = app
+        .db
+        .get_version(row.version)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("current version vanished"))?;
+    let doc = tokio::task::spawn_blocking(move || crate::document::export(&config))
+        .await
+        .map_err(|e| anyhow::anyhow!("export failed: {e}"))?;
+    let mut resp = Json(doc).into_response();
+    resp.headers_mut()
+        .insert(header::ETAG, version_etag(row.version));
+    Ok(resp)
+}
+
+/// Make the stored configuration equal to a document, as exactly one new version (or none
+/// when nothing differs). Everything is validated first and every problem is reported with
+/// its JSON path; nothing of an invalid document is stored.
+#[utoipa::path(put, path = "/v1/config", tag = "config", operation_id = "apply_config",
+    params(WriteParams, ("If-Match" = Option<String>, Header, description = "ETag of GET /v1/config or /v1/config/export")),
+    request_body = ConfigDocument,
+    responses((status = 200, body = Applied, headers(("Sluice-Config-Version" = u64))),
+              (status = 400, body = Problem, content_type = "application/problem+json"),
+              (status = 409, body = Problem, content_type = "application/problem+json"),
+              (status = 412, body = Problem, content_type = "application/problem+json"),
+              (status = 413, body = Problem, content_type = "application/problem+json"),
+              (status = 422, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn apply(
+    State(app): State<AppState>,
+    params: WriteParams,
+    if_match: crate::extract::IfMatch,
+    crate::extract::ApiJson(doc): crate::extract::ApiJson<ConfigDocument>,
+) -> Result<Response, ApiError> {
+    let mut tx = app.db.begin_write().await?;
+    let (row, current) = tx
+        .current()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no version committed"))?;
+    if_match.check(version_etag(row.version).to_str().unwrap_or_default())?;
+    let current = current.clone();
+    let now = time::OffsetDateTime::now_utc();
+    let resolved =
+        tokio::task::spawn_blocking(move || crate::document::resolve(doc, &current, now))
+            .await
+            .map_err(|e| anyhow::anyhow!("resolving the document failed: {e}"))?
+            .map_err(ApiError::invalid)?;
+    let stamp = now_text();
+    for key in &resolved.keys {
+        tx.put_key(&key.sha256, &key.pem, &stamp).await?;
+    }
+    tx.replace_config(&resolved.config, &stamp).await?;
+    let how = Finish {
+        dry_run: params.dry_run,
+        paths: Some(std::sync::Arc::new(resolved.paths)),
+        ..Finish::default()
+    };
+    let outcome = finish(tx, how).await?;
+    let mut resp = Json(Applied {
+        version: outcome.version,
+        changed: !outcome.diff.is_empty(),
+        dry_run: outcome.dry_run,
+        diff: outcome.diff,
+    })
+    .into_response();
+    resp.headers_mut().insert(
+        super::CONFIG_VERSION_HEADER.clone(),
+        HeaderValue::from(outcome.version.get()),
+    );
+    Ok(resp)
 }
