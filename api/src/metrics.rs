@@ -33,6 +33,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     duration: Family<RouteLabels, Histogram>,
     config_version: Gauge,
+    snapshot_bytes: Gauge,
+    workers_connected: Gauge,
 }
 
 impl Default for Metrics {
@@ -45,6 +47,8 @@ impl Default for Metrics {
             ])
         });
         let config_version = Gauge::default();
+        let snapshot_bytes = Gauge::default();
+        let workers_connected = Gauge::default();
         registry.register("http_requests", "HTTP requests answered", requests.clone());
         registry.register(
             "http_request_duration_seconds",
@@ -56,19 +60,33 @@ impl Default for Metrics {
             "Newest committed configuration version",
             config_version.clone(),
         );
+        registry.register(
+            "snapshot_bytes",
+            "Size on the wire of the newest snapshot pushed to workers (compressed)",
+            snapshot_bytes.clone(),
+        );
+        registry.register(
+            "workers_connected",
+            "Workers with an open channel",
+            workers_connected.clone(),
+        );
         Metrics {
             registry,
             requests,
             duration,
             config_version,
+            snapshot_bytes,
+            workers_connected,
         }
     }
 }
 
 impl Metrics {
     /// The text exposition of every metric.
-    pub fn render(&self, version: u64) -> String {
+    pub fn render(&self, version: u64, snapshot_bytes: u64, workers_connected: usize) -> String {
         self.config_version.set(version as i64);
+        self.snapshot_bytes.set(snapshot_bytes as i64);
+        self.workers_connected.set(workers_connected as i64);
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "encoding metrics failed");

@@ -21,9 +21,13 @@ use serde_json::Value;
 pub const ADMIN_TOKEN: &str = "e2e-admin-token";
 pub const WORKER_TOKEN: &str = "e2e-worker-token";
 
-/// The `sluice-api` program of this build: this package's `sluice-e2e` binary, which cargo
-/// builds before running the package's integration tests.
+/// The `sluice-api` program to run: `$SLUICE_BIN` when set (the benchmarks point it at the
+/// release build), else this package's `sluice-e2e` binary, which cargo builds before running
+/// the package's integration tests.
 pub fn sluice_api_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("SLUICE_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
@@ -235,6 +239,17 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(api_url: &str, state_dir: &Path, name: &str, token: &str) -> Worker {
+        Worker::start_with(api_url, state_dir, name, token, &[])
+    }
+
+    /// Start with extra environment (worker flags as `SLUICE_*` variables).
+    pub fn start_with(
+        api_url: &str,
+        state_dir: &Path,
+        name: &str,
+        token: &str,
+        env: &[(&str, &str)],
+    ) -> Worker {
         let args: Vec<String> = [
             "worker",
             "--api",
@@ -258,7 +273,7 @@ impl Worker {
         let (proc, admin) = Proc::spawn(
             name,
             &args,
-            &[("SLUICE_WORKER_TOKEN", token)],
+            &[&[("SLUICE_WORKER_TOKEN", token)][..], env].concat(),
             "admin",
             "sluice-worker started",
         );

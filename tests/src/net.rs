@@ -64,6 +64,27 @@ impl TestCa {
     }
 }
 
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// A body of `n` zero bytes, produced 64 KiB at a time (never held whole).
+pub fn stream_body(n: u64) -> BoxBody {
+    let chunk = Bytes::from(vec![0u8; 64 * 1024]);
+    let stream = futures_util::stream::unfold(n, move |left| {
+        let chunk = chunk.clone();
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let take = left.min(chunk.len() as u64);
+            Some((
+                Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.slice(..take as usize))),
+                left - take,
+            ))
+        }
+    });
+    http_body_util::StreamBody::new(stream).boxed()
+}
+
 /// What one request looked like when it reached a backend.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -89,6 +110,8 @@ pub struct EchoBackend {
     pub name: String,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub connections: Arc<AtomicUsize>,
+    /// Bytes received by `/big` requests.
+    pub uploaded: Arc<std::sync::atomic::AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -104,17 +127,23 @@ impl EchoBackend {
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
-        let (n, s, c) = (name.to_owned(), seen.clone(), connections.clone());
+        let uploaded = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (n, s, c, u) = (
+            name.to_owned(),
+            seen.clone(),
+            connections.clone(),
+            uploaded.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (n, s) = (n.clone(), s.clone());
+                let (n, s, u) = (n.clone(), s.clone(), u.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (n, s) = (n.clone(), s.clone());
+                        let (n, s, up) = (n.clone(), s.clone(), u.clone());
                         async move {
                             let seen = Seen {
                                 method: req.method().to_string(),
@@ -129,18 +158,44 @@ impl EchoBackend {
                                     .collect(),
                             };
                             s.lock().unwrap().push(seen);
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes().len())
+                            // `/big?n=N` answers N bytes at once, streamed, and counts the upload
+                            // alongside (full duplex); anything else echoes what it received.
+                            let big = req.uri().path() == "/big";
+                            let n_bytes: u64 = req
+                                .uri()
+                                .query()
+                                .and_then(|q| q.strip_prefix("n="))
+                                .and_then(|v| v.parse().ok())
                                 .unwrap_or(0);
-                            let out = json!({"backend": n, "body_bytes": body}).to_string();
+                            let mut body = req.into_body();
+                            let count = async move {
+                                let mut received = 0u64;
+                                while let Some(Ok(frame)) = body.frame().await {
+                                    if let Some(d) = frame.data_ref() {
+                                        received += d.len() as u64;
+                                    }
+                                }
+                                received
+                            };
+                            let out: BoxBody = if big {
+                                tokio::spawn(
+                                    async move { up.fetch_add(count.await, Ordering::SeqCst) },
+                                );
+                                stream_body(n_bytes)
+                            } else {
+                                let received = count.await;
+                                up.fetch_add(received, Ordering::SeqCst);
+                                Full::new(Bytes::from(
+                                    json!({"backend": n, "body_bytes": received}).to_string(),
+                                ))
+                                .map_err(|never| match never {})
+                                .boxed()
+                            };
                             Ok::<_, Infallible>(
                                 Response::builder()
                                     .header("x-backend", n.as_str())
                                     .header("connection", "keep-alive")
-                                    .body(Full::new(Bytes::from(out)))
+                                    .body(out)
                                     .expect("response"),
                             )
                         }
@@ -156,12 +211,77 @@ impl EchoBackend {
             name: name.to_owned(),
             seen,
             connections,
+            uploaded,
             task,
         }
     }
 
     pub fn requests(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+}
+
+/// A WebSocket echo backend (plain TCP): every message comes back as sent.
+pub struct WsBackend {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for WsBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl WsBackend {
+    pub async fn start() -> WsBackend {
+        use futures_util::{SinkExt, StreamExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok(msg)) = ws.next().await {
+                        if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        WsBackend { addr, task }
+    }
+}
+
+/// A backend that accepts connections and requests but never answers.
+pub struct SilentBackend {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for SilentBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SilentBackend {
+    pub async fn start() -> SilentBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        SilentBackend { addr, task }
     }
 }
 
@@ -379,4 +499,36 @@ pub fn backend_of(reply: &Reply) -> String {
 /// An empty JSON object (for building bodies).
 pub fn obj() -> Map<String, Value> {
     Map::new()
+}
+
+/// HTTP/1.1 over TLS: POST `up` streamed bytes to `path?n=down` and read the answer as a stream;
+/// returns (status, bytes sent, bytes of the answer).
+pub async fn stream_both(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    host: &str,
+    up: u64,
+    down: u64,
+    path: &str,
+) -> (u16, u64, u64) {
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<_, BoxBody>(TokioIo::new(tls))
+        .await
+        .expect("h1 handshake");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("{path}?n={down}"))
+        .header("host", host)
+        .header("content-length", up.to_string())
+        .body(stream_body(up))
+        .expect("request");
+    let resp = send.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut got = 0u64;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(d) = frame.data_ref() {
+            got += d.len() as u64;
+        }
+    }
+    (status, up, got)
 }

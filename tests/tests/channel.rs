@@ -61,15 +61,40 @@ async fn a_write_is_pushed_to_two_workers_and_rollout_shows_both_applied() {
     );
 }
 
+/// A TLS request for `app.example` through a worker, passed through to the test backend.
+async fn request_through(worker: &Worker, ca: &sluice_tests::net::TestCa) -> u16 {
+    use sluice_tests::net::{tls_connect, H1};
+    match tls_connect(worker.https, "app.example", ca.der(), &[b"http/1.1"]).await {
+        Ok(tls) => H1::new(tls).await.get("app.example", "/", &[]).await.status,
+        Err(_) => 0,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_outlive_the_api_and_serve_from_their_state_dir() {
+    use sluice_tests::net::{TestCa, TlsBackend};
     let dir = tempfile::tempdir().unwrap();
     let api_dir = dir.path().join("api");
     let mut api = Api::start(&api_dir, "127.0.0.1:0", HEARTBEAT);
     let port = api.addr.port();
     let w1 = Worker::start(&api.url(), &dir.path().join("w1"), "edge-1", WORKER_TOKEN);
     let w2 = Worker::start(&api.url(), &dir.path().join("w2"), "edge-2", WORKER_TOKEN);
-    let v = create_backend(&api, "redmine").await;
+    let ca = TestCa::new();
+    let (chain, key) = ca.leaf(&["app.example"]);
+    let backend = TlsBackend::start("app", &chain, &key, false).await;
+    let (_, b) = api
+        .http
+        .post("/v1/backends", json!({"name": "app", "protocol": "tcp", "servers": [{"address": backend.addr.to_string()}]}))
+        .await;
+    let (status, _) = api
+        .http
+        .post(
+            "/v1/hosts",
+            json!({"hostname": "app.example", "mode": "passthrough", "backend_id": b["id"]}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let v = api.version().await;
     api.wait_applied(2, v).await;
 
     // kill -9 the API: both workers notice and keep serving their snapshot.
@@ -83,6 +108,11 @@ async fn workers_outlive_the_api_and_serve_from_their_state_dir() {
         .expect("worker noticed the API is gone");
         assert_eq!(s["applied_version"], v);
         assert_eq!(w.http.get("/readyz").await.0, 200);
+        assert_eq!(
+            request_through(w, &ca).await,
+            200,
+            "traffic flows with the API gone"
+        );
     }
 
     // A worker restarted while the API is down serves from its state directory.
@@ -98,6 +128,11 @@ async fn workers_outlive_the_api_and_serve_from_their_state_dir() {
     assert_eq!(s["applied_version"], v, "{s}");
     assert_eq!(s["source"], "state_dir");
     assert_eq!(w1.http.get("/readyz").await.0, 200);
+    assert_eq!(
+        request_through(&w1, &ca).await,
+        200,
+        "serves from its state directory"
+    );
 
     // The API comes back on the same address: both reconnect and converge on a newer version.
     let api = Api::start(&api_dir, &format!("127.0.0.1:{port}"), HEARTBEAT);

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use sluice_tests::net::{backend_of, tls_connect, EchoBackend, TestCa, TlsBackend, H1, H2};
+use sluice_tests::net::{
+    backend_of, tls_connect, EchoBackend, SilentBackend, TestCa, TlsBackend, WsBackend, H1, H2,
+};
 use sluice_tests::{Api, Worker, WORKER_TOKEN};
 
 struct Seed {
@@ -17,6 +19,8 @@ struct Seed {
     redmine: Vec<EchoBackend>,
     odoo: Vec<TlsBackend>,
     ids: HashMap<String, String>,
+    _ws: WsBackend,
+    _silent: SilentBackend,
     _dir: tempfile::TempDir,
 }
 
@@ -34,7 +38,14 @@ async fn seed() -> Seed {
         "127.0.0.1:0",
         &["--workers", "0", "--heartbeat-ms", "200"],
     );
-    let worker = Worker::start(&api.url(), &dir.path().join("w"), "edge-1", WORKER_TOKEN);
+    // A short upstream response timeout, so the 504 case is quick.
+    let worker = Worker::start_with(
+        &api.url(),
+        &dir.path().join("w"),
+        "edge-1",
+        WORKER_TOKEN,
+        &[("SLUICE_RESPONSE_TIMEOUT_MS", "1500")],
+    );
     let ca = TestCa::new();
     let odoo_ca = TestCa::new();
     let redmine = vec![
@@ -48,7 +59,18 @@ async fn seed() -> Seed {
         TlsBackend::start("odoo-pp", &odoo_chain, &odoo_key, true).await,
     ];
     let mut ids = HashMap::new();
-    let (chain, key) = ca.leaf(&["*.beerme", "redmine.beerme", "down.beerme", "empty.beerme"]);
+    let (chain, key) = ca.leaf(&[
+        "*.beerme",
+        "redmine.beerme",
+        "down.beerme",
+        "empty.beerme",
+        "secure.beerme",
+        "badca.beerme",
+        "ws.beerme",
+        "slow.beerme",
+    ]);
+    let ws = WsBackend::start().await;
+    let silent = SilentBackend::start().await;
     ids.insert(
         "cert".into(),
         post(
@@ -124,6 +146,29 @@ async fn seed() -> Seed {
         )
         .await,
     );
+    // TLS to the server, verified against the backend's own CA and name.
+    let secure = |name: &str, ca_pem: &str| {
+        json!({"name": name, "protocol": "https",
+        "servers": [{"address": odoo[0].addr.to_string()}],
+        "tls": {"verify": true, "ca_pem": ca_pem, "server_name": "odoo.beerme"}})
+    };
+    ids.insert(
+        "secure".into(),
+        post(&api, "/v1/backends", secure("secure", &odoo_ca.pem)).await,
+    );
+    ids.insert(
+        "badca".into(),
+        post(&api, "/v1/backends", secure("badca", &ca.pem)).await,
+    );
+    let plain = |name: &str, addr: std::net::SocketAddr| json!({"name": name, "protocol": "http", "servers": [{"address": addr.to_string()}]});
+    ids.insert(
+        "ws".into(),
+        post(&api, "/v1/backends", plain("ws", ws.addr)).await,
+    );
+    ids.insert(
+        "slow".into(),
+        post(&api, "/v1/backends", plain("slow", silent.addr)).await,
+    );
     let backend_ids = ids.clone();
     let host = |name: &str, mode: &str, backend: &str| json!({"hostname": name, "mode": mode, "backend_id": backend_ids[backend]});
     let mut redmine_host = host("redmine.beerme", "terminate", "redmine");
@@ -151,6 +196,14 @@ async fn seed() -> Seed {
         host("empty.beerme", "terminate", "empty"),
     )
     .await;
+    for name in ["secure", "badca", "ws", "slow"] {
+        post(
+            &api,
+            "/v1/hosts",
+            host(&format!("{name}.beerme"), "terminate", name),
+        )
+        .await;
+    }
     let v = api.version().await;
     worker.wait_version(v).await;
     Seed {
@@ -161,6 +214,8 @@ async fn seed() -> Seed {
         redmine,
         odoo,
         ids,
+        _ws: ws,
+        _silent: silent,
         _dir: dir,
     }
 }
@@ -227,6 +282,30 @@ async fn terminated_http1_and_http2_reach_the_backend_with_forwarded_headers() {
         assert_eq!(req.header("x-env"), Some("prod"), "host rule set");
         assert_eq!(req.header("x-debug"), None, "host rule removed");
     }
+    let metrics = s.worker.http.get("/metrics").await.1;
+    let metrics = metrics.as_str().unwrap();
+    assert!(
+        metrics
+            .contains(r#"sluice_worker_http_requests_total{host="redmine.beerme",status="200"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_worker_upstream_response_seconds_count 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_worker_open_connections"),
+        "{metrics}"
+    );
+    // One access-log line per request, like HAProxy's httplog.
+    let access = s
+        .worker
+        .proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("sluice_worker::access") && l.contains("host=redmine.beerme"))
+        .count();
+    assert_eq!(access, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,4 +540,147 @@ async fn plain_http_redirects_terminate_hosts_to_https_and_404s_the_rest() {
         "passthrough hosts have no cleartext side"
     );
     assert_eq!(get("nowhere.example").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_backends_are_verified_against_their_ca_and_name() {
+    let s = seed().await;
+    let mut h2 = s.h2("secure.beerme").await;
+    let r = h2.get("secure.beerme", "/", &[]).await;
+    assert_eq!(
+        (r.status, backend_of(&r)),
+        (200, "odoo-1".to_owned()),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(r.body["h2"], false, "HTTP/1.1 to the backend");
+    let mut bad = s.h2("badca.beerme").await;
+    assert_eq!(
+        bad.get("badca.beerme", "/", &[]).await.status,
+        502,
+        "a certificate from another CA is refused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_work_after_termination() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let s = seed().await;
+    let tls = tls_connect(s.worker.https, "ws.beerme", s.ca.der(), &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("wss://ws.beerme/chat", tls)
+        .await
+        .expect("websocket handshake");
+    assert_eq!(resp.status(), 101);
+    for text in ["hello", "through", "sluice"] {
+        ws.send(Message::Text(text.into())).await.unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+    }
+    ws.send(Message::Binary(vec![0u8, 1, 2, 255].into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().into_data().as_ref(),
+        &[0u8, 1, 2, 255]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_does_not_answer_is_504() {
+    let s = seed().await;
+    let started = std::time::Instant::now();
+    let mut h1 = s.h1("slow.beerme").await;
+    assert_eq!(h1.get("slow.beerme", "/", &[]).await.status, 504);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(1500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_are_431_and_smuggled_requests_never_reach_the_backend() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = seed().await;
+    let mut h1 = s.h1("redmine.beerme").await;
+    let big = "a".repeat(20 * 1024);
+    assert_eq!(
+        h1.get("redmine.beerme", "/", &[("x-big", big.as_str())])
+            .await
+            .status,
+        431
+    );
+
+    // Both Content-Length and Transfer-Encoding (the request-smuggling shape): hyper reads the
+    // body as chunked per RFC 9112 6.3, drops Content-Length and closes the connection after
+    // the answer, so the request hidden behind it never reaches the backend.
+    let before = s.seen().len();
+    let mut tls = tls_connect(s.worker.https, "redmine.beerme", s.ca.der(), &[b"http/1.1"])
+        .await
+        .unwrap();
+    tls.write_all(b"POST / HTTP/1.1\r\nHost: redmine.beerme\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: redmine.beerme\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tls.read_to_end(&mut reply),
+    )
+    .await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert_eq!(
+        reply.matches("HTTP/1.1").count(),
+        1,
+        "one answer, then the connection closed: {reply}"
+    );
+    let seen = s.seen();
+    assert_eq!(
+        seen.len(),
+        before + 1,
+        "only the outer request reached the backend"
+    );
+    let outer = seen.iter().find(|r| r.method == "POST").unwrap();
+    assert_eq!(
+        outer.header("content-length"),
+        None,
+        "the conflicting length is not passed on"
+    );
+    assert!(seen.iter().all(|r| r.path != "/smuggled"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gibibyte_streams_both_ways_with_bounded_worker_memory() {
+    use sluice_tests::net::stream_both;
+    let s = seed().await;
+    const GIB: u64 = 1 << 30;
+    // Up: the backend reads it all before answering (longer than the response timeout, which
+    // only starts once the request body has been sent).
+    let tls = tls_connect(s.worker.https, "redmine.beerme", s.ca.der(), &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (status, _, echoed) = stream_both(tls, "redmine.beerme", GIB, 0, "/").await;
+    assert_eq!(status, 200);
+    assert!(echoed > 0);
+    let uploaded: u64 = s
+        .redmine
+        .iter()
+        .map(|b| b.uploaded.load(Ordering::SeqCst))
+        .sum();
+    assert_eq!(uploaded, GIB, "the backend received the whole upload");
+    // Down.
+    let tls = tls_connect(s.worker.https, "redmine.beerme", s.ca.der(), &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (status, _, received) = stream_both(tls, "redmine.beerme", 0, GIB, "/big").await;
+    assert_eq!((status, received), (200, GIB));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.worker.proc.pid())).unwrap();
+    let peak_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        peak_kb < 128 * 1024,
+        "worker peak RSS {peak_kb} kB while streaming 2 GiB"
+    );
 }

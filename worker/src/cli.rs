@@ -33,6 +33,9 @@ pub struct WorkerArgs {
     /// Runtime threads; 0 = one per available core.
     #[arg(long, env = "SLUICE_THREADS", default_value_t = 0)]
     pub threads: usize,
+    /// How long an upstream may take to send its response headers, in milliseconds (then 504).
+    #[arg(long, env = "SLUICE_RESPONSE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub response_timeout_ms: u64,
     /// On SIGTERM, how long open connections may take to finish, in milliseconds.
     #[arg(long, env = "SLUICE_DRAIN_MS", default_value_t = 10_000)]
     pub drain_ms: u64,

@@ -23,6 +23,7 @@ pub mod sni;
 pub mod state;
 pub mod terminate;
 pub mod upstream;
+pub mod upstream_tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
@@ -50,6 +51,8 @@ pub struct Worker {
     pub public_https_port: Option<u16>,
     /// How long a client may take to send its ClientHello.
     pub hello_timeout: std::time::Duration,
+    /// How long an upstream may take to answer with headers (then 504).
+    pub response_timeout: std::time::Duration,
     /// Upstream HTTP/1.1 keep-alive connections.
     pub pool: Arc<pool::Pool>,
     pub admin_addr: OnceLock<SocketAddr>,
@@ -154,6 +157,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         https_addr: args.https,
         public_https_port: args.public_https_port,
         hello_timeout: edge::HELLO_TIMEOUT,
+        response_timeout: std::time::Duration::from_millis(args.response_timeout_ms),
         pool: Arc::new(pool::Pool::default()),
         admin_addr: OnceLock::new(),
         https_bound: OnceLock::new(),

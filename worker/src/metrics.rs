@@ -4,6 +4,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sluice_shared::ConfigVersion;
 
@@ -43,6 +44,8 @@ pub struct Metrics {
     passthrough: Counter,
     passthrough_failed: Counter,
     requests: Family<RequestLabels, Counter>,
+    upstream_seconds: Histogram,
+    open_connections: Gauge,
 }
 
 impl Default for Metrics {
@@ -57,6 +60,11 @@ impl Default for Metrics {
             passthrough: Counter::default(),
             passthrough_failed: Counter::default(),
             requests: Family::default(),
+            upstream_seconds: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            open_connections: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -95,6 +103,16 @@ impl Default for Metrics {
             "Terminated requests answered, by host and status",
             m.requests.clone(),
         );
+        registry.register(
+            "upstream_response_seconds",
+            "Time from sending a request upstream to its response headers",
+            m.upstream_seconds.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Client connections open on the HTTPS port",
+            m.open_connections.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -130,6 +148,16 @@ impl Metrics {
             .inc();
     }
 
+    pub fn upstream_latency(&self, seconds: f64) {
+        self.upstream_seconds.observe(seconds);
+    }
+
+    /// Count a client connection as open until the guard is dropped.
+    pub fn connection_opened(&self) -> OpenConnection {
+        self.open_connections.inc();
+        OpenConnection(self.open_connections.clone())
+    }
+
     pub fn render(&self, connected: bool) -> String {
         self.connected.set(i64::from(connected));
         let mut out = String::new();
@@ -137,5 +165,15 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         out
+    }
+}
+
+/// Held while a client connection is open.
+#[derive(Debug)]
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

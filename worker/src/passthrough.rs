@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 
 use crate::copy;
 use crate::runtime::Runtime;
-use crate::upstream::{connect_any, UpstreamError};
+use crate::upstream::{connect_with_pick, UpstreamError};
 
 /// Idle timeout of a passthrough connection (no byte either way).
 pub const IDLE: Duration = Duration::from_secs(300);
@@ -35,7 +35,8 @@ pub async fn forward(
     peer: SocketAddr,
     local: SocketAddr,
 ) -> Result<copy::Moved, PassthroughError> {
-    let (mut server, addr) = connect_any(rt, host.backend_id).await?;
+    // The pick is held for the life of the stream: least_requests counts open connections.
+    let (mut server, addr, _pick) = connect_with_pick(rt, host.backend_id).await?;
     let header = match host.proxy_protocol {
         ProxyProtocol::None => Vec::new(),
         ProxyProtocol::V1 => crate::proxy_protocol::v1(peer, local),

@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 
@@ -28,8 +29,11 @@ pub struct PoolKey {
     pub tls: Option<(String, bool, String)>,
 }
 
+/// The body type of upstream requests.
+pub type UpBody = crate::terminate::Watched;
+
 struct Idle {
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<UpBody>,
     since: Instant,
 }
 
@@ -47,33 +51,32 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// An idle, ready connection to `key`, if there is one.
-    pub fn checkout(&self, key: &PoolKey) -> Option<SendRequest<Incoming>> {
+    pub fn checkout(&self, key: &PoolKey) -> Option<SendRequest<UpBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(key)?;
-        while let Some(c) = list.pop() {
-            if c.sender.is_ready() && !c.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT {
-                return Some(c.sender);
+        let mut busy = Vec::new();
+        let mut found = None;
+        while let Some(mut c) = list.pop() {
+            if c.sender.is_closed() || c.since.elapsed() >= IDLE_TIMEOUT {
+                continue;
+            }
+            // A connection whose last response just ended may not have noticed yet: poll it
+            // once; if it is still busy, keep it for later instead of dropping it.
+            match c.sender.ready().now_or_never() {
+                Some(Ok(())) => {
+                    found = Some(c.sender);
+                    break;
+                }
+                Some(Err(_)) => {}
+                None => busy.push(c),
             }
         }
-        None
+        list.extend(busy);
+        found
     }
 
-    /// Give a connection back after its exchange finished: it joins the idle list as soon as
-    /// the connection says it is ready for the next request.
-    pub fn checkin(self: &Arc<Self>, key: PoolKey, mut sender: SendRequest<Incoming>) {
-        if sender.is_ready() {
-            self.insert(key, sender);
-            return;
-        }
-        let pool = self.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                pool.insert(key, sender);
-            }
-        });
-    }
-
-    fn insert(&self, key: PoolKey, sender: SendRequest<Incoming>) {
+    /// Give a connection back after its exchange finished.
+    pub fn checkin(&self, key: PoolKey, sender: SendRequest<UpBody>) {
         if sender.is_closed() {
             return;
         }
@@ -102,7 +105,7 @@ impl Pool {
 /// A response body that returns its connection to the pool when it has been read to the end.
 pub struct Returning {
     body: Incoming,
-    back: Option<(Arc<Pool>, PoolKey, SendRequest<Incoming>)>,
+    back: Option<(Arc<Pool>, PoolKey, SendRequest<UpBody>)>,
 }
 
 impl Returning {
@@ -110,7 +113,7 @@ impl Returning {
         body: Incoming,
         pool: Arc<Pool>,
         key: PoolKey,
-        sender: SendRequest<Incoming>,
+        sender: SendRequest<UpBody>,
     ) -> Returning {
         let mut r = Returning {
             body,

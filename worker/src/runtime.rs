@@ -30,6 +30,8 @@ pub enum BuildError {
     MissingKey { name: String },
     #[error("certificate `{name}` cannot be loaded into rustls: {reason}")]
     Tls { name: String, reason: String },
+    #[error("backend `{name}`: TLS settings cannot be used: {reason}")]
+    UpstreamTls { name: String, reason: String },
 }
 
 /// Where the state in force came from.
@@ -63,6 +65,8 @@ pub struct Runtime {
     balancers: HashMap<Uuid, (Backend, Arc<Balancer>)>,
     /// rustls server configuration per certificate (for terminate hosts).
     pub server_configs: HashMap<Uuid, Arc<rustls::ServerConfig>>,
+    /// rustls client configuration per `https` backend.
+    pub upstream_tls: HashMap<Uuid, Arc<rustls::ClientConfig>>,
 }
 
 impl Runtime {
@@ -159,7 +163,23 @@ pub fn build(
             )
         })
         .collect();
+    let mut upstream_tls = HashMap::new();
+    for b in config
+        .backends
+        .iter()
+        .filter(|b| b.protocol == sluice_shared::Protocol::Https)
+    {
+        let settings = b.tls.clone().unwrap_or_default();
+        let client = crate::upstream_tls::client_config(&settings).map_err(|reason| {
+            BuildError::UpstreamTls {
+                name: b.name.clone(),
+                reason,
+            }
+        })?;
+        upstream_tls.insert(b.id, client);
+    }
     Ok(Runtime {
+        upstream_tls,
         server_configs,
         balancers,
         version,

@@ -36,6 +36,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for the upstream to answer with headers.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Largest request header block (431 beyond).
 pub const MAX_HEADERS: usize = 16 * 1024;
 /// HTTP/2 streams a client may have open at once.
@@ -168,6 +169,59 @@ pub async fn serve(
     }
 }
 
+/// A request body that says when it has been sent whole, so the response timeout can start then
+/// (a long upload is not a slow server).
+pub struct Watched {
+    inner: Incoming,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Watched {
+    fn new(inner: Incoming) -> (Watched, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut w = Watched {
+            inner,
+            done: Some(tx),
+        };
+        if hyper::body::Body::is_end_stream(&w.inner) {
+            w.finish();
+        }
+        (w, rx)
+    }
+
+    fn finish(&mut self) {
+        if let Some(tx) = self.done.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl hyper::body::Body for Watched {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(None) => self.finish(),
+            std::task::Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Route, rewrite and proxy one request; every failure becomes a short local response.
 async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody> {
     let start = Instant::now();
@@ -189,11 +243,16 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
         })
         .unwrap_or_default();
     let name = host_name(&authority);
-    let method = req.method().clone();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+    // The access line's fields are taken only when that line is enabled.
+    let logged =
+        tracing::enabled!(target: "sluice_worker::access", tracing::Level::INFO).then(|| {
+            (
+                req.method().clone(),
+                req.uri()
+                    .path_and_query()
+                    .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            )
+        });
     let host = rt
         .host(&name)
         .filter(|h| rt.host_certificates.get(&h.id) == Some(&conn.certificate));
@@ -204,6 +263,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
         ),
         Some(host) => {
             let host = host.clone();
+            let upgrade = upgrade_of(&req);
             forward_request(
                 req.headers_mut(),
                 &Forwarding {
@@ -213,7 +273,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
                     rules: &host.request_headers,
                 },
             );
-            match proxy(&conn, &rt, &host, req).await {
+            match proxy(&conn, &rt, &host, req, upgrade).await {
                 Ok((resp, server)) => (resp, Some(server)),
                 Err(e) => (e.response(), e.server()),
             }
@@ -222,12 +282,14 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
     conn.worker
         .metrics
         .request(&name, response.status().as_u16());
-    tracing::info!(
-        target: "sluice_worker::access",
-        client = %conn.peer, host = %name, %method, %path, status = response.status().as_u16(),
-        upstream = upstream.as_deref().unwrap_or("-"), total_ms = start.elapsed().as_secs_f64() * 1000.0,
-        "request"
-    );
+    if let Some((method, path)) = logged {
+        tracing::info!(
+            target: "sluice_worker::access",
+            client = %conn.peer, host = %name, %method, %path, status = response.status().as_u16(),
+            upstream = upstream.as_deref().unwrap_or("-"), total_ms = start.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
     response
 }
 
@@ -238,7 +300,7 @@ enum ProxyError {
     Upstream(UpstreamError),
     #[error("upstream {server}: {reason}")]
     Exchange { server: String, reason: String },
-    #[error("upstream {server} did not answer within {RESPONSE_TIMEOUT:?}")]
+    #[error("upstream {server} did not answer in time")]
     Timeout { server: String },
     #[error("backend protocol {0} is not served yet")]
     Unsupported(&'static str),
@@ -271,11 +333,76 @@ impl ProxyError {
 }
 
 /// Send the request to a server of the host's backend over a pooled HTTP/1.1 connection.
+/// Open an HTTP/1.1 client connection over `io`; the connection runs in its own task.
+async fn h1_handshake<IO>(
+    io: IO,
+) -> Result<hyper::client::conn::http1::SendRequest<Watched>, hyper::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await?;
+    tokio::spawn(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
+/// A new upstream connection to `server`: TCP, then TLS for `https` backends, then HTTP/1.1.
+async fn open(
+    server: &sluice_shared::Server,
+    tls: Option<(&Arc<rustls::ClientConfig>, &sluice_shared::BackendTls)>,
+) -> Result<hyper::client::conn::http1::SendRequest<Watched>, UpstreamError> {
+    let address = server.address.to_string();
+    let failed = |reason: String| UpstreamError::Connect {
+        server: address.clone(),
+        reason,
+    };
+    let stream = connect_server(server).await?;
+    match tls {
+        None => h1_handshake(stream)
+            .await
+            .map_err(|e| failed(e.to_string())),
+        Some((config, settings)) => {
+            let name = crate::upstream_tls::server_name(settings, server).map_err(failed)?;
+            let connector = tokio_rustls::TlsConnector::from(config.clone());
+            let tls = tokio::time::timeout(
+                crate::upstream::CONNECT_TIMEOUT,
+                connector.connect(name, stream),
+            )
+            .await
+            .map_err(|_| failed("TLS handshake timed out".into()))?
+            .map_err(|e| failed(format!("TLS handshake: {e}")))?;
+            h1_handshake(tls).await.map_err(|e| failed(e.to_string()))
+        }
+    }
+}
+
+/// The `Upgrade` value of an HTTP/1.1 upgrade request (`Connection: upgrade`), if it is one.
+fn upgrade_of(req: &Request<Incoming>) -> Option<HeaderValue> {
+    let connection_upgrade = req
+        .headers()
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if connection_upgrade && req.version() == http::Version::HTTP_11 {
+        req.headers().get(http::header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Send the request to a server of the host's backend over a pooled HTTP/1.1 connection
+/// (`upgrade`: the client's protocol upgrade, passed on and spliced after a 101).
 async fn proxy(
     conn: &Conn,
     rt: &Runtime,
     host: &Host,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
+    upgrade: Option<HeaderValue>,
 ) -> Result<(Response<ResBody>, String), ProxyError> {
     let backend = rt
         .config
@@ -283,9 +410,17 @@ async fn proxy(
         .ok_or(ProxyError::Upstream(UpstreamError::NoBackend(
             host.backend_id,
         )))?;
-    if backend.protocol != Protocol::Http {
-        return Err(ProxyError::Unsupported(backend.protocol.as_str()));
-    }
+    let tls = match backend.protocol {
+        Protocol::Http => None,
+        Protocol::Https => {
+            let config = rt
+                .upstream_tls
+                .get(&backend.id)
+                .ok_or(ProxyError::Unsupported("https"))?;
+            Some((config, backend.tls.as_ref().unwrap_or(&DEFAULT_TLS)))
+        }
+        other => return Err(ProxyError::Unsupported(other.as_str())),
+    };
     let balancer = rt
         .balancer(backend.id)
         .ok_or(ProxyError::Upstream(UpstreamError::NoBackend(backend.id)))?;
@@ -302,24 +437,27 @@ async fn proxy(
         let server = &backend.servers[pick.index];
         let key = PoolKey {
             address: server.address.to_string(),
-            tls: None,
+            tls: tls.map(|(_, t)| {
+                let sni = t
+                    .server_name
+                    .as_ref()
+                    .map_or_else(|| server.address.host_str(), |n| n.to_string());
+                let ca = t
+                    .ca_pem
+                    .as_deref()
+                    .map(|c| sluice_shared::certs::sha256_hex(c.as_bytes()))
+                    .unwrap_or_default();
+                (sni, t.verify, ca)
+            }),
         };
-        if let Some(sender) = pool.checkout(&key) {
-            chosen = Some((sender, key, pick));
-            break;
+        if upgrade.is_none() {
+            if let Some(sender) = pool.checkout(&key) {
+                chosen = Some((sender, key, pick));
+                break;
+            }
         }
-        match connect_server(server).await {
-            Ok(stream) => {
-                let (sender, connection) = hyper::client::conn::http1::Builder::new()
-                    .handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|e| ProxyError::Exchange {
-                        server: key.address.clone(),
-                        reason: e.to_string(),
-                    })?;
-                tokio::spawn(async move {
-                    let _ = connection.with_upgrades().await;
-                });
+        match open(server, tls).await {
+            Ok(sender) => {
                 chosen = Some((sender, key, pick));
                 break;
             }
@@ -332,6 +470,7 @@ async fn proxy(
     }
     let (mut sender, key, _pick) = chosen.ok_or(ProxyError::Upstream(last_error))?;
     let server = key.address.clone();
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     parts.version = http::Version::HTTP_11;
     let path = parts
@@ -340,10 +479,34 @@ async fn proxy(
         .map_or("/", |p| p.as_str())
         .to_owned();
     parts.uri = path.parse().unwrap_or_default();
+    if let Some(proto) = &upgrade {
+        parts.headers.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+        parts.headers.insert(http::header::UPGRADE, proto.clone());
+    }
+    let (body, sent) = Watched::new(body);
     let upstream_req = Request::from_parts(parts, body);
-    let resp = match tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(upstream_req)).await
-    {
-        Ok(Ok(resp)) => resp,
+    // The response timeout runs from the moment the request body has been sent.
+    let sent_at = Instant::now();
+    let exchange = sender.send_request(upstream_req);
+    tokio::pin!(exchange);
+    let answered = tokio::select! {
+        r = &mut exchange => Some(r),
+        _ = sent => None,
+    };
+    let answered = match answered {
+        Some(r) => Ok(r),
+        None => tokio::time::timeout(conn.worker.response_timeout, &mut exchange).await,
+    };
+    let mut resp = match answered {
+        Ok(Ok(resp)) => {
+            conn.worker
+                .metrics
+                .upstream_latency(sent_at.elapsed().as_secs_f64());
+            resp
+        }
         Ok(Err(e)) => {
             return Err(ProxyError::Exchange {
                 server,
@@ -352,8 +515,29 @@ async fn proxy(
         }
         Err(_) => return Err(ProxyError::Timeout { server }),
     };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            // Splice the two upgraded connections; this upstream connection is never pooled.
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) {
+                    let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+            });
+            let (parts, _) = resp.into_parts();
+            let empty = Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed();
+            return Ok((Response::from_parts(parts, empty), server));
+        }
+    }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let body = Returning::new(body, pool.clone(), key, sender).boxed();
     Ok((Response::from_parts(parts, body), server))
 }
+
+/// TLS settings of an `https` backend that has none: verify against the system roots.
+static DEFAULT_TLS: std::sync::LazyLock<sluice_shared::BackendTls> =
+    std::sync::LazyLock::new(sluice_shared::BackendTls::default);

@@ -49,16 +49,8 @@ pub async fn connect_server(server: &Server) -> Result<TcpStream, UpstreamError>
     }
 }
 
-/// A connected upstream and the server it came from (held as a request in flight).
-pub async fn connect_any(
-    rt: &Runtime,
-    backend_id: Uuid,
-) -> Result<(TcpStream, String), UpstreamError> {
-    let (stream, addr, _pick) = connect_with_pick(rt, backend_id).await?;
-    Ok((stream, addr))
-}
-
-/// As [`connect_any`], also returning the balancer's pick (drop it when the request is done).
+/// Connect to a server of the backend, retrying once on another server if the connect fails;
+/// returns the stream, the server address and the balancer's pick (drop it when done).
 pub async fn connect_with_pick(
     rt: &Runtime,
     backend_id: Uuid,

@@ -33,7 +33,13 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
     let version = app.db.subscribe().borrow().map_or(0, |v| v.get());
-    let body = app.metrics.render(version);
+    let body = app.metrics.render(
+        version,
+        app.workers
+            .snapshot_bytes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        app.workers.connected_count(),
+    );
     (
         [(
             header::CONTENT_TYPE,

@@ -37,6 +37,8 @@ pub struct Hub {
     acks: watch::Sender<u64>,
     /// The encoded snapshot of the newest version, shared by every session that sends it.
     cache: tokio::sync::Mutex<Option<(ConfigVersion, Arc<Frame>)>>,
+    /// Size on the wire of the newest snapshot frame (compressed), for metrics.
+    pub snapshot_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// Handle a session keeps while registered.
@@ -56,6 +58,7 @@ impl Hub {
             applied: Mutex::default(),
             acks: watch::channel(0).0,
             cache: tokio::sync::Mutex::new(None),
+            snapshot_bytes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -193,6 +196,12 @@ impl Hub {
                     reason: e.to_string(),
                 })?,
         );
+        let size = match frame.as_ref() {
+            Frame::Text(t) => t.len(),
+            Frame::Binary(b) => b.len(),
+        };
+        self.snapshot_bytes
+            .store(size as u64, std::sync::atomic::Ordering::Relaxed);
         *cache = Some((version, frame.clone()));
         Ok(Some(frame))
     }

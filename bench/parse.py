@@ -1,0 +1,42 @@
+"""Parse one wrk or h2load run into a JSON line: requests/s, latencies, and whether it failed."""
+import json
+import re
+import sys
+
+tool, proxy = sys.argv[1], sys.argv[2]
+text = sys.stdin.read()
+out = {"proxy": proxy, "tool": tool, "ok": True, "errors": []}
+
+
+def ms(value, unit):
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+if tool == "wrk":
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    out["rps"] = float(m.group(1)) if m else 0.0
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+        out[f"p{pct}_ms"] = ms(*m.groups()) if m else None
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    if m:
+        out["errors"].append(f"{m.group(1)} non-2xx/3xx")
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m and any(int(x) for x in m.groups()):
+        out["errors"].append("socket errors " + "/".join(m.groups()))
+else:
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", text)
+    out["rps"] = float(m.group(1)) if m else 0.0
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", text)
+    if m and (int(m.group(5)) or int(m.group(6))):
+        out["errors"].append(f"{m.group(5)} failed, {m.group(6)} errored")
+    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+    if m and (int(m.group(3)) or int(m.group(4))):
+        out["errors"].append(f"{m.group(3)} 4xx, {m.group(4)} 5xx")
+    m = re.search(r"time for request:\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", text)
+    out["mean_ms"] = ms(m.group(5), m.group(6)) if m else None
+    out["max_ms"] = ms(m.group(3), m.group(4)) if m else None
+if out["rps"] == 0.0:
+    out["errors"].append("no throughput reported")
+out["ok"] = not out["errors"]
+print(json.dumps(out))

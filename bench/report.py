@@ -1,0 +1,103 @@
+"""Aggregate benchmark runs: median (min-max) per proxy and workload, ratios to the better of
+NGINX and HAProxy, as Markdown and JSON."""
+import json
+import platform
+import statistics
+import subprocess
+import sys
+
+raw_path, control_path, out_prefix, duration, args = sys.argv[1:6]
+runs = [json.loads(line) for line in open(raw_path) if line.strip()]
+control = [json.loads(line) for line in open(control_path) if line.strip()]
+
+
+def version(cmd):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return (out.stdout + out.stderr).strip().splitlines()[0]
+    except Exception as e:  # noqa: BLE001
+        return f"unknown ({e})"
+
+
+meta = {
+    "commit": version(["git", "rev-parse", "--short", "HEAD"]),
+    "machine": f"{platform.machine()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, kernel {platform.release()}",
+    "nginx": version(["nginx", "-v"]),
+    "haproxy": version(["haproxy", "-v"]),
+    "wrk": version(["wrk", "--version"]),
+    "h2load": version(["h2load", "--version"]),
+    "duration_s": int(duration),
+    "command": f"bench/run {args}".strip(),
+}
+
+
+def summary(proxy, workload, key):
+    rs = [r for r in runs if r["proxy"] == proxy and r["workload"] == workload]
+    if not rs:
+        return None
+    failed = [r for r in rs if not r["ok"]]
+    vals = [r[key] for r in rs if r.get(key) is not None]
+    if failed or not vals:
+        return {"failed": True, "errors": sorted({e for r in failed for e in r["errors"]})}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "failed": False}
+
+
+def cell(s, fmt):
+    if s is None:
+        return "-"
+    if s["failed"]:
+        return "FAILED (" + "; ".join(s["errors"]) + ")"
+    return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
+
+
+rows = []
+table = {}
+for workload, metrics in (("h1", [("rps", "{:.0f}"), ("p50_ms", "{:.2f}"), ("p99_ms", "{:.2f}")]),
+                          ("h2", [("rps", "{:.0f}"), ("mean_ms", "{:.2f}")])):
+    for proxy in ("sluice", "nginx", "haproxy", "direct"):
+        sums = {k: summary(proxy, workload, k) for k, _ in metrics}
+        if all(v is None for v in sums.values()):
+            continue
+        table[(workload, proxy)] = sums
+        rows.append((workload, proxy, [cell(sums[k], f) for k, f in metrics]))
+
+
+def ratio(workload, key, higher_better=True):
+    s = table.get((workload, "sluice"), {}).get(key)
+    others = [table.get((workload, p), {}).get(key) for p in ("nginx", "haproxy")]
+    others = [o for o in others if o and not o["failed"]]
+    if not s or s["failed"] or not others:
+        return None
+    best = max(o["median"] for o in others) if higher_better else min(o["median"] for o in others)
+    return s["median"] / best if best else None
+
+
+ratios = {
+    "h1_rps_vs_best": ratio("h1", "rps"),
+    "h1_p99_vs_best": ratio("h1", "p99_ms", higher_better=False),
+    "h2_rps_vs_best": ratio("h2", "rps"),
+}
+
+md = ["# Benchmark results", "", f"Command: `{meta['command']}` at commit `{meta['commit']}`.", "",
+      f"Machine: {meta['machine']}. Proxy pinned to core 0, load generator and backend to core 1; one worker "
+      f"process/thread per proxy; {meta['duration_s']} s per run, 1 warm-up + 5 runs; median (min-max).", "",
+      f"Tools: {meta['nginx']}; {meta['haproxy']}; {meta['wrk']}; {meta['h2load']}.", "",
+      "## Workload 1: HTTP/1.1 keep-alive through TLS termination (wrk -t1 -c50)", "",
+      "| proxy | requests/s | p50 ms | p99 ms |", "|---|---|---|---|"]
+md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "h1"]
+md += ["", "## Workload 2: HTTP/2 through TLS termination (h2load -c 64 -m 10)", "",
+       "| proxy | requests/s | mean ms |", "|---|---|---|"]
+md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "h2"]
+md += ["", "Sluice relative to the better of NGINX and HAProxy (requests/s: >1 is faster; p99: <1 is better):", ""]
+md += [f"- {k}: {v:.2f}" if v is not None else f"- {k}: n/a" for k, v in ratios.items()]
+md += ["", "## Control plane", "", "| benchmark | result |", "|---|---|"]
+for c in control:
+    if c["bench"] == "apply":
+        md.append(f"| PUT /v1/config with {c['hosts']} hosts, {c['certificates']} certificates, {c['backends']} backends "
+                  f"({c['document_bytes'] / 1e6:.1f} MB) | committed in {c['commit_ms']:.0f} ms; applied by the worker after {c['worker_applied_ms']:.0f} ms |")
+    else:
+        md.append(f"| write to every worker's Ack, {c['workers']} worker(s), {c['hosts']} hosts, {c['writes']} writes "
+                  f"| p50 {c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms, max {c['max_ms']:.1f} ms; {c['bytes_per_push']} bytes per push |")
+md.append("")
+open(out_prefix + ".md", "w").write("\n".join(md))
+json.dump({"meta": meta, "runs": runs, "control": control, "ratios": ratios}, open(out_prefix + ".json", "w"), indent=2)
