@@ -376,22 +376,6 @@ impl Db {
     pub async fn get_version(&self, v: ConfigVersion) -> DbResult<Option<(VersionRow, Config)>> {
         version_snapshot(&self.pool, v).await
     }
-
-    /// The private keys with these hashes (for snapshots sent to workers).
-    pub async fn keys(&self, shas: &[&str]) -> DbResult<Vec<(String, String)>> {
-        let mut out = Vec::with_capacity(shas.len());
-        for sha in shas {
-            let key: Option<String> =
-                sqlx::query_scalar("SELECT key_pem FROM private_keys WHERE sha256 = ?")
-                    .bind(*sha)
-                    .fetch_optional(&self.pool)
-                    .await?;
-            if let Some(k) = key {
-                out.push((sha.to_string(), k));
-            }
-        }
-        Ok(out)
-    }
 }
 
 /// The single write transaction. Dropping it without [`WriteTx::commit`] rolls back.
@@ -714,21 +698,58 @@ fn worker_row(row: &sqlx::sqlite::SqliteRow) -> DbResult<WorkerRow> {
 }
 
 impl Db {
+    /// The newest committed configuration if it is version `v` and cached in memory.
+    pub fn cached(&self, v: ConfigVersion) -> Option<Arc<Config>> {
+        let cur = self.current.read().ok()?;
+        cur.as_ref()
+            .filter(|(cv, _)| *cv == v)
+            .map(|(_, c)| c.clone())
+    }
+
     /// The full snapshot of a version, private keys included, for the worker channel only.
     pub async fn snapshot_with_keys(
         &self,
         v: ConfigVersion,
     ) -> DbResult<Option<sluice_shared::Snapshot>> {
-        let Some((row, mut config)) = version_snapshot(&self.pool, v).await? else {
-            return Ok(None);
+        // The newest version is usually in memory already; older ones come from the history.
+        let (row, mut config) = match self.cached(v) {
+            Some(config) => {
+                let row = sqlx::query(&format!(
+                    "SELECT {VERSION_COLS} FROM config_versions WHERE version = ?"
+                ))
+                .bind(v.get() as i64)
+                .fetch_optional(&self.pool)
+                .await?;
+                let Some(row) = row.as_ref().map(version_row).transpose()? else {
+                    return Ok(None);
+                };
+                (row, Config::clone(&config))
+            }
+            None => match version_snapshot(&self.pool, v).await? {
+                Some(found) => found,
+                None => return Ok(None),
+            },
         };
+        let wanted: Vec<&str> = config
+            .certificates
+            .iter()
+            .map(|c| c.key_sha256.as_str())
+            .collect();
+        let rows = sqlx::query(
+            "SELECT sha256, key_pem FROM private_keys WHERE sha256 IN (SELECT value FROM json_each(?))",
+        )
+        .bind(serde_json::to_string(&wanted).unwrap_or_default())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut keys = std::collections::HashMap::with_capacity(rows.len());
+        for r in &rows {
+            keys.insert(
+                r.try_get::<String, _>("sha256")?,
+                r.try_get::<String, _>("key_pem")?,
+            );
+        }
         for cert in &mut config.certificates {
-            let key: Option<String> =
-                sqlx::query_scalar("SELECT key_pem FROM private_keys WHERE sha256 = ?")
-                    .bind(&cert.key_sha256)
-                    .fetch_optional(&self.pool)
-                    .await?;
-            cert.key_pem = key;
+            cert.key_pem = keys.get(&cert.key_sha256).cloned();
         }
         Ok(Some(sluice_shared::Snapshot {
             version: row.version,

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::model::Config;
+use crate::model::{Certificate, Config};
 
 /// One object that was created, updated or deleted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -65,11 +65,12 @@ impl Diff {
     }
 }
 
-fn diff_kind<T: PartialEq>(
+fn diff_kind<T>(
     kind: &str,
     old: &[T],
     new: &[T],
     key: impl Fn(&T) -> (Uuid, String),
+    same: impl Fn(&T, &T) -> bool,
     out: &mut Diff,
 ) {
     let old_by_id: BTreeMap<Uuid, &T> = old.iter().map(|o| (key(o).0, o)).collect();
@@ -85,7 +86,7 @@ fn diff_kind<T: PartialEq>(
     for (id, n) in &new_by_id {
         match old_by_id.get(id) {
             None => out.created.push(change(n)),
-            Some(o) if o != n => out.updated.push(change(n)),
+            Some(o) if !same(o, n) => out.updated.push(change(n)),
             Some(_) => {}
         }
     }
@@ -100,12 +101,15 @@ fn diff_kind<T: PartialEq>(
 /// key shows as a changed `key_sha256`.
 pub fn diff(old: &Config, new: &Config) -> Diff {
     let mut out = Diff::default();
-    let (old_r, new_r) = (old.redacted(), new.redacted());
+    let same_cert = |a: &Certificate, b: &Certificate| {
+        a.id == b.id && a.name == b.name && a.cert_pem == b.cert_pem && a.key_sha256 == b.key_sha256
+    };
     diff_kind(
         "certificate",
-        &old_r.certificates,
-        &new_r.certificates,
+        &old.certificates,
+        &new.certificates,
         |c| (c.id, c.name.clone()),
+        same_cert,
         &mut out,
     );
     diff_kind(
@@ -113,6 +117,7 @@ pub fn diff(old: &Config, new: &Config) -> Diff {
         &old.backends,
         &new.backends,
         |b| (b.id, b.name.clone()),
+        |a, b| a == b,
         &mut out,
     );
     diff_kind(
@@ -120,6 +125,7 @@ pub fn diff(old: &Config, new: &Config) -> Diff {
         &old.hosts,
         &new.hosts,
         |h| (h.id, h.hostname.to_string()),
+        |a, b| a == b,
         &mut out,
     );
     out

@@ -19,7 +19,7 @@ use hyper::client::conn::http1::SendRequest;
 /// How long an idle upstream connection is kept.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle connections kept per server.
-pub const MAX_IDLE_PER_SERVER: usize = 64;
+pub const MAX_IDLE_PER_SERVER: usize = 512;
 
 /// What identifies interchangeable connections: the server address and every TLS setting.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

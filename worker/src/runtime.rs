@@ -126,15 +126,35 @@ pub fn build(
     let validated = validate(&config)?;
     let mut certified = HashMap::with_capacity(config.certificates.len());
     let mut server_configs = HashMap::with_capacity(config.certificates.len());
+    // Certificates whose chain and key did not change keep their loaded form: loading a key is
+    // the costly part of a switch, and most switches change something else.
+    let reusable = |cert: &sluice_shared::Certificate| {
+        let prev = previous?;
+        let old = prev.config.certificate(cert.id)?;
+        if old.cert_pem != cert.cert_pem || old.key_sha256 != cert.key_sha256 {
+            return None;
+        }
+        Some((
+            prev.certified.get(&cert.id)?.clone(),
+            prev.server_configs.get(&cert.id)?.clone(),
+        ))
+    };
     for cert in &mut config.certificates {
         let key = cert.key_pem.take().ok_or_else(|| BuildError::MissingKey {
             name: cert.name.clone(),
         })?;
-        let ck = Arc::new(certified_key(&cert.name, &cert.cert_pem, &key)?);
-        let sc = crate::terminate::server_config(ck.clone()).map_err(|e| BuildError::Tls {
-            name: cert.name.clone(),
-            reason: e.to_string(),
-        })?;
+        let (ck, sc) = match reusable(cert) {
+            Some(loaded) => loaded,
+            None => {
+                let ck = Arc::new(certified_key(&cert.name, &cert.cert_pem, &key)?);
+                let sc =
+                    crate::terminate::server_config(ck.clone()).map_err(|e| BuildError::Tls {
+                        name: cert.name.clone(),
+                        reason: e.to_string(),
+                    })?;
+                (ck, sc)
+            }
+        };
         certified.insert(cert.id, ck);
         server_configs.insert(cert.id, sc);
     }
