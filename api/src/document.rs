@@ -5,18 +5,19 @@
 //! keep their ids and servers their health identity), reporting every problem at once with its
 //! JSON path. It is pure: no database, no clock.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 use sluice_shared::certs;
 use sluice_shared::validate::ObjectKind;
 use sluice_shared::{
     Backend, BackendTls, Balance, Certificate, Config, HealthCheck, Host, Hostname, Mode, Protocol,
-    ProxyProtocol, RequestHeaders, Server, ServerAddr,
+    ProxyProtocol, RequestHeaders,
 };
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::convert::{lower_rules, servers, ServerSpec};
 use crate::error::FieldError;
 
 /// A certificate in a document. `key_pem` is never exported; on import it is required for a
@@ -304,33 +305,17 @@ pub fn resolve(
     for (i, b) in doc.backends.into_iter().enumerate() {
         let path = format!("backends[{i}]");
         let stored = stored_backends.get(b.name.as_str());
-        let mut servers = Vec::with_capacity(b.servers.len());
-        let mut used = HashSet::new();
-        for (j, s) in b.servers.into_iter().enumerate() {
-            match s.address.parse::<ServerAddr>() {
-                Ok(address) => {
-                    let kept = stored
-                        .and_then(|st| {
-                            st.servers
-                                .iter()
-                                .find(|x| x.address == address && !used.contains(&x.id))
-                        })
-                        .map(|x| x.id);
-                    let id = kept.unwrap_or_else(Uuid::new_v4);
-                    used.insert(id);
-                    servers.push(Server {
-                        id,
-                        address,
-                        weight: s.weight,
-                        enabled: s.enabled,
-                    });
-                }
-                Err(e) => errors.push(FieldError::new(
-                    format!("{path}.servers[{j}].address"),
-                    format!("`{}` {e}", s.address),
-                )),
-            }
-        }
+        let specs = b
+            .servers
+            .into_iter()
+            .map(|s| ServerSpec {
+                id: None,
+                address: s.address,
+                weight: s.weight,
+                enabled: s.enabled,
+            })
+            .collect();
+        let servers = servers(specs, stored.copied(), &format!("{path}."), &mut errors);
         let id = stored.map_or_else(Uuid::new_v4, |s| s.id);
         backend_ids.insert(b.name.clone(), id);
         paths.insert((ObjectKind::Backend, id), path);
@@ -393,16 +378,7 @@ pub fn resolve(
             .copied()
             .unwrap_or_else(Uuid::new_v4);
         paths.insert((ObjectKind::Host, id), path);
-        let lower = |n: String| n.to_ascii_lowercase();
-        let request_headers = RequestHeaders {
-            set: h
-                .request_headers
-                .set
-                .into_iter()
-                .map(|(k, v)| (lower(k), v))
-                .collect::<BTreeMap<_, _>>(),
-            remove: h.request_headers.remove.into_iter().map(lower).collect(),
-        };
+        let request_headers = lower_rules(h.request_headers);
         hosts.push(Host {
             id,
             hostname,

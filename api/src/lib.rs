@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod cli;
 pub mod commit;
+pub mod convert;
 pub mod db;
 pub mod document;
 pub mod error;
@@ -205,23 +206,9 @@ pub async fn open_state(args: &ServeArgs) -> anyhow::Result<AppState> {
     Ok(state)
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
+/// Resolves on SIGTERM or Ctrl-C (the worker's signal handling, shared).
 async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
+    sluice_worker::shutdown_signal().await;
     tracing::info!("shutting down");
 }
 

@@ -6,14 +6,15 @@ use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use sluice_shared::validate::ObjectKind;
-use sluice_shared::{Backend, BackendTls, Balance, HealthCheck, Protocol, Server, ServerAddr};
+use sluice_shared::{Backend, BackendTls, Balance, HealthCheck, Protocol};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{etag_of, refuse_if_referenced, with_etag, write_response, DryRun};
 use crate::commit::{finish, Finish};
+use crate::convert::{servers, ServerSpec};
 use crate::db::{now_text, Stored};
-use crate::error::{ApiError, FieldError, Problem};
+use crate::error::{ApiError, Problem};
 use crate::extract::{parse_id, ApiJson, IfMatch, WriteParams};
 use crate::AppState;
 
@@ -80,27 +81,17 @@ impl BackendInput {
     /// Build the model, keeping ids of `old` servers; every bad address is reported.
     fn into_backend(self, id: Uuid, old: Option<&Backend>) -> Result<Backend, ApiError> {
         let mut errors = Vec::new();
-        let mut servers = Vec::with_capacity(self.servers.len());
-        for (i, s) in self.servers.into_iter().enumerate() {
-            match s.address.parse::<ServerAddr>() {
-                Ok(address) => {
-                    let kept = old
-                        .and_then(|o| o.servers.iter().find(|x| x.address == address))
-                        .map(|x| x.id);
-                    let id = s.id.or(kept).unwrap_or_else(Uuid::new_v4);
-                    servers.push(Server {
-                        id,
-                        address,
-                        weight: s.weight,
-                        enabled: s.enabled,
-                    });
-                }
-                Err(e) => errors.push(FieldError::new(
-                    format!("servers[{i}].address"),
-                    format!("`{}` {e}", s.address),
-                )),
-            }
-        }
+        let specs = self
+            .servers
+            .into_iter()
+            .map(|s| ServerSpec {
+                id: s.id,
+                address: s.address,
+                weight: s.weight,
+                enabled: s.enabled,
+            })
+            .collect();
+        let servers = servers(specs, old, "", &mut errors);
         if !errors.is_empty() {
             return Err(ApiError::invalid(errors));
         }

@@ -82,16 +82,7 @@ impl HostInput {
                 ));
             }
         }
-        let lower = |n: String| n.to_ascii_lowercase();
-        let request_headers = RequestHeaders {
-            set: self
-                .request_headers
-                .set
-                .into_iter()
-                .map(|(k, v)| (lower(k), v))
-                .collect(),
-            remove: self.request_headers.remove.into_iter().map(lower).collect(),
-        };
+        let request_headers = crate::convert::lower_rules(self.request_headers);
         match hostname {
             Some(hostname) if errors.is_empty() => Ok(Host {
                 id,
