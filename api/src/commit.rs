@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use sluice_shared::diff::{diff, Diff};
 use sluice_shared::hash::config_hash;
-use sluice_shared::validate::{validate, Invalid, ObjectKind, ProblemKind};
+use sluice_shared::validate::{validate, validate_with, Invalid, ObjectKind, ProblemKind};
 use sluice_shared::{Config, ConfigVersion};
 use uuid::Uuid;
 
@@ -73,7 +73,15 @@ pub async fn finish(mut tx: WriteTx<'_>, how: Finish) -> Result<Outcome, ApiErro
         None => (None, Arc::new(Config::default())),
     };
     let config = tx.load_config().await?;
-    validate(&config).map_err(|inv| problems_to_error(inv, &how))?;
+    // Chains unchanged since the current version are not parsed again.
+    let facts = current.as_ref().and_then(|r| tx.cached_facts(r.version));
+    let known = |c: &sluice_shared::Certificate| {
+        current_config
+            .certificate(c.id)
+            .filter(|old| old.cert_pem == c.cert_pem)?;
+        facts.as_ref()?.get(&c.id).cloned()
+    };
+    let validated = validate_with(&config, &known).map_err(|inv| problems_to_error(inv, &how))?;
     let hash = config_hash(&config);
     if let Some(cur) = &current {
         if cur.hash == hash {
@@ -108,7 +116,8 @@ pub async fn finish(mut tx: WriteTx<'_>, how: Finish) -> Result<Outcome, ApiErro
         summary,
         restored_from: how.restored_from.map(ConfigVersion::get),
     };
-    tx.commit_version(&row, Arc::new(config)).await?;
+    tx.commit_version(&row, Arc::new(config), validated.certificates)
+        .await?;
     tracing::info!(version = %version, summary = %row.summary, "committed configuration version");
     Ok(Outcome {
         version,
@@ -132,5 +141,8 @@ pub async fn ensure_initial_version(db: &Db) -> Result<(), DbError> {
         summary: "initial configuration".into(),
         restored_from: None,
     };
-    tx.commit_version(&row, Arc::new(config)).await
+    let facts = validate(&config)
+        .map(|v| v.certificates)
+        .unwrap_or_default();
+    tx.commit_version(&row, Arc::new(config), facts).await
 }

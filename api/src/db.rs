@@ -18,6 +18,9 @@ use sqlx::{Row, Sqlite, SqliteExecutor, SqlitePool, Transaction};
 use tokio::sync::{watch, Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
+/// Certificate facts by certificate id.
+pub type CertFactsById = std::collections::HashMap<Uuid, sluice_shared::certs::CertFacts>;
+
 /// Failures of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -271,6 +274,8 @@ pub struct Db {
     write_lock: Arc<Mutex<()>>,
     /// The newest committed config, cached so a write need not re-read it to compute its diff.
     current: RwLock<Option<(ConfigVersion, Arc<Config>)>>,
+    /// Facts of the newest version's certificates, so validation need not parse them again.
+    facts: RwLock<Option<(ConfigVersion, Arc<CertFactsById>)>>,
     committed: watch::Sender<Option<ConfigVersion>>,
 }
 
@@ -295,6 +300,7 @@ impl Db {
             pool,
             write_lock: Arc::new(Mutex::new(())),
             current: RwLock::new(None),
+            facts: RwLock::new(None),
             committed,
         };
         if let Some(v) = latest_version(&db.pool).await? {
@@ -612,7 +618,22 @@ impl WriteTx<'_> {
     }
 
     /// Record `config` as version `row.version` and commit everything.
-    pub async fn commit_version(mut self, row: &VersionRow, config: Arc<Config>) -> DbResult<()> {
+    /// Facts of version `v`'s certificates, if they are cached.
+    pub fn cached_facts(&self, v: ConfigVersion) -> Option<Arc<CertFactsById>> {
+        let f = self.db.facts.read().ok()?;
+        f.as_ref()
+            .filter(|(fv, _)| *fv == v)
+            .map(|(_, m)| m.clone())
+    }
+
+    /// Record `config` as version `row.version` and commit everything; `facts` are its
+    /// certificates' facts, kept for the next write's validation.
+    pub async fn commit_version(
+        mut self,
+        row: &VersionRow,
+        config: Arc<Config>,
+        facts: CertFactsById,
+    ) -> DbResult<()> {
         sqlx::query(
             "INSERT INTO config_versions (version, hash, created_at, summary, restored_from, snapshot)
              VALUES (?, ?, ?, ?, ?, ?)",
@@ -628,6 +649,9 @@ impl WriteTx<'_> {
         self.tx.commit().await?;
         if let Ok(mut cur) = self.db.current.write() {
             *cur = Some((row.version, config));
+        }
+        if let Ok(mut f) = self.db.facts.write() {
+            *f = Some((row.version, Arc::new(facts)));
         }
         self.db.committed.send_replace(Some(row.version));
         Ok(())

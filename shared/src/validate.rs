@@ -447,6 +447,15 @@ fn check_header_rules(c: &mut Checker, o: (ObjectKind, Uuid, &str), h: &Host) {
 
 /// Validate a whole configuration. On success, returns what was learned on the way.
 pub fn validate(config: &Config) -> Result<Validated, Invalid> {
+    validate_with(config, &|_| None)
+}
+
+/// As [`validate`], with the facts of certificates already inspected (`known` returns them for
+/// a certificate whose chain is unchanged), so a switch does not parse every chain again.
+pub fn validate_with(
+    config: &Config,
+    known: &dyn Fn(&crate::model::Certificate) -> Option<CertFacts>,
+) -> Result<Validated, Invalid> {
     let mut c = Checker {
         problems: Vec::new(),
     };
@@ -469,7 +478,7 @@ pub fn validate(config: &Config) -> Result<Validated, Invalid> {
     for cert in &config.certificates {
         let o = (ObjectKind::Certificate, cert.id, cert.name.as_str());
         c.name(o, &cert.name);
-        match certs::inspect_chain(&cert.cert_pem) {
+        match known(cert).map_or_else(|| certs::inspect_chain(&cert.cert_pem), Ok) {
             Ok(facts) => {
                 cert_facts.insert(cert.id, (cert.name.as_str(), facts));
             }

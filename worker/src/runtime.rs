@@ -13,7 +13,7 @@ use arc_swap::ArcSwapOption;
 use rustls::sign::CertifiedKey;
 use sluice_shared::certs;
 use sluice_shared::hash::config_hash;
-use sluice_shared::validate::{validate, Invalid};
+use sluice_shared::validate::{validate_with, Invalid};
 use sluice_shared::{Backend, Config, ConfigVersion, Host, Snapshot};
 use uuid::Uuid;
 
@@ -61,6 +61,8 @@ pub struct Runtime {
     wildcard: HashMap<String, usize>,
     /// The certificate each terminate host uses, by host id.
     pub host_certificates: HashMap<Uuid, Uuid>,
+    /// Facts of every certificate (SANs, validity), by id.
+    pub cert_facts: HashMap<Uuid, sluice_shared::certs::CertFacts>,
     /// Balancing state per backend.
     balancers: HashMap<Uuid, (Backend, Arc<Balancer>)>,
     /// rustls server configuration per certificate (for terminate hosts).
@@ -123,7 +125,15 @@ pub fn build(
             actual,
         });
     }
-    let validated = validate(&config)?;
+    // Unchanged chains are not parsed again.
+    let known = |c: &sluice_shared::Certificate| {
+        let prev = previous?;
+        prev.config
+            .certificate(c.id)
+            .filter(|old| old.cert_pem == c.cert_pem)?;
+        prev.cert_facts.get(&c.id).cloned()
+    };
+    let validated = validate_with(&config, &known)?;
     let mut certified = HashMap::with_capacity(config.certificates.len());
     let mut server_configs = HashMap::with_capacity(config.certificates.len());
     // Certificates whose chain and key did not change keep their loaded form: loading a key is
@@ -211,6 +221,7 @@ pub fn build(
         exact,
         wildcard,
         host_certificates: validated.host_certificates,
+        cert_facts: validated.certificates,
     })
 }
 
