@@ -97,7 +97,7 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
             let mut acked = Vec::new();
             for i in 0.. {
                 let name = format!("w{w}-{i}");
-                let body = format!(r#"{{"name":"{name}","protocol":"http","servers":[{{"address":"10.0.{w}.{}:80"}}]}}"#, i % 250 + 1);
+                let body = format!(r#"{{"name":"{name}","protocol":"http","servers":[{{"address":"127.0.{w}.{}:9"}}]}}"#, i % 250 + 1);
                 match request(&client, addr, "POST", "/v1/backends", Some(body)).await {
                     Some((201, _)) => acked.push(name),
                     Some((status, body)) => panic!("write {name} answered {status}: {body}"),

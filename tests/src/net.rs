@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -109,9 +109,12 @@ pub struct EchoBackend {
     pub addr: SocketAddr,
     pub name: String,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Connections that carried at least one request.
     pub connections: Arc<AtomicUsize>,
     /// Bytes received by `/big` requests.
     pub uploaded: Arc<std::sync::atomic::AtomicU64>,
+    /// Status every answer carries (200 unless a test makes the backend sick).
+    pub status: Arc<std::sync::atomic::AtomicU16>,
     task: JoinHandle<()>,
 }
 
@@ -128,22 +131,29 @@ impl EchoBackend {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
         let uploaded = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (n, s, c, u) = (
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let (n, s, c, u, st) = (
             name.to_owned(),
             seen.clone(),
             connections.clone(),
             uploaded.clone(),
+            status.clone(),
         );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                c.fetch_add(1, Ordering::SeqCst);
-                let (n, s, u) = (n.clone(), s.clone(), u.clone());
+                // A connection counts once it carries a request (bare TCP health checks do not).
+                let counted = Arc::new(AtomicBool::new(false));
+                let (n, s, u, st, c) = (n.clone(), s.clone(), u.clone(), st.clone(), c.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (n, s, up) = (n.clone(), s.clone(), u.clone());
+                        if !counted.swap(true, Ordering::SeqCst) {
+                            c.fetch_add(1, Ordering::SeqCst);
+                        }
+                        let (n, s, up, code) =
+                            (n.clone(), s.clone(), u.clone(), st.load(Ordering::SeqCst));
                         async move {
                             let seen = Seen {
                                 method: req.method().to_string(),
@@ -193,6 +203,7 @@ impl EchoBackend {
                             };
                             Ok::<_, Infallible>(
                                 Response::builder()
+                                    .status(code)
                                     .header("x-backend", n.as_str())
                                     .header("connection", "keep-alive")
                                     .body(out)
@@ -212,6 +223,7 @@ impl EchoBackend {
             seen,
             connections,
             uploaded,
+            status,
             task,
         }
     }

@@ -488,7 +488,7 @@ async fn ten_thousand_hosts_and_a_thousand_certificates_reach_every_worker() {
         })
         .collect();
     let backends: Vec<_> = (0..100)
-        .map(|i| json!({"name": format!("b{i}"), "protocol": "http", "servers": [{"address": format!("10.1.0.{}:80", i + 1)}]}))
+        .map(|i| json!({"name": format!("b{i}"), "protocol": "http", "servers": [{"address": format!("127.1.0.{}:9", i + 1)}]}))
         .collect();
     let hosts: Vec<_> = (0..10_000)
         .map(|i| {

@@ -684,3 +684,75 @@ async fn a_gibibyte_streams_both_ways_with_bounded_worker_memory() {
         "worker peak RSS {peak_kb} kB while streaming 2 GiB"
     );
 }
+
+/// Every server state in the worker's `/health`, by server id.
+async fn health_of(s: &Seed) -> Value {
+    s.worker.http.get("/health").await.1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_server_is_checked_down_and_skipped_then_comes_back() {
+    let s = seed().await;
+    let addrs: Vec<String> = s.redmine.iter().map(|b| b.addr.to_string()).collect();
+    let body = json!({"name": "redmine", "protocol": "http", "servers": [{"address": addrs[0]}, {"address": addrs[1]}],
+        "health_check": {"kind": "http", "path": "/health", "expect_status": "200-399", "interval_ms": 200, "timeout_ms": 100, "rise": 2, "fall": 2}});
+    let (status, backend) = s
+        .api
+        .http
+        .send(
+            "PUT",
+            &format!("/v1/backends/{}", s.ids["redmine"]),
+            Some(body),
+        )
+        .await;
+    assert_eq!(status, 200, "{backend}");
+    s.worker.wait_version(s.api.version().await).await;
+    let sick = backend["servers"][1]["id"].as_str().unwrap().to_owned();
+    let healthy = backend["servers"][0]["id"].as_str().unwrap().to_owned();
+    let state = |h: &Value, id: &str| h[id]["status"].as_str().unwrap_or("unknown").to_owned();
+    let wait_state = |id: String, want: &'static str| {
+        let s = &s;
+        async move {
+            sluice_tests::wait_for(std::time::Duration::from_secs(5), || {
+                let id = id.clone();
+                async move { (state(&health_of(s).await, &id) == want).then_some(()) }
+            })
+            .await
+            .unwrap_or_else(|| panic!("server {id} never became {want}"))
+        }
+    };
+    wait_state(sick.clone(), "up").await;
+
+    // An HTTP check that gets a 500 marks the server down (fall 2 x 200 ms + timeout, plus a
+    // second of slack); clients then never see it.
+    s.redmine[1].status.store(500, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    wait_state(sick.clone(), "down").await;
+    assert!(started.elapsed() < std::time::Duration::from_millis(2 * 200 + 100 + 1000));
+    let h = health_of(&s).await;
+    assert_eq!(h[&sick]["last_error"], "status 500", "{h}");
+    assert_eq!(state(&h, &healthy), "up");
+    let mut h2 = s.h2("redmine.beerme").await;
+    for _ in 0..6 {
+        let r = h2.get("redmine.beerme", "/", &[]).await;
+        assert_eq!((r.status, backend_of(&r)), (200, "redmine-1".to_owned()));
+    }
+
+    // Healthy again: up after `rise` checks, and traffic alternates again.
+    s.redmine[1].status.store(200, Ordering::SeqCst);
+    wait_state(sick.clone(), "up").await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        seen.insert(backend_of(&h2.get("redmine.beerme", "/", &[]).await));
+    }
+    assert_eq!(seen.len(), 2, "both servers serve again");
+
+    // Every server down: 503 at once, not a hang.
+    s.redmine[0].status.store(500, Ordering::SeqCst);
+    s.redmine[1].status.store(500, Ordering::SeqCst);
+    wait_state(sick.clone(), "down").await;
+    wait_state(healthy.clone(), "down").await;
+    let started = std::time::Instant::now();
+    assert_eq!(h2.get("redmine.beerme", "/", &[]).await.status, 503);
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+}

@@ -72,6 +72,12 @@ async fn metrics(State(w): State<Arc<Worker>>) -> Response {
         .into_response()
 }
 
+async fn health(
+    State(w): State<Arc<Worker>>,
+) -> Json<std::collections::HashMap<Uuid, crate::health::ServerHealth>> {
+    Json(w.health.snapshot())
+}
+
 /// The admin router.
 pub fn router(worker: Arc<Worker>) -> Router {
     Router::new()
@@ -79,5 +85,6 @@ pub fn router(worker: Arc<Worker>) -> Router {
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/health", get(health))
         .with_state(worker)
 }

@@ -234,8 +234,7 @@ async fn apply(worker: &Arc<Worker>, snapshot: Snapshot) -> WorkerMessage {
     match built {
         Ok(Ok(rt)) => {
             let hash = rt.hash.clone();
-            worker.current.store(Arc::new(rt));
-            worker.ready.send_replace(true);
+            worker.switch(Arc::new(rt));
             worker.metrics.applied(version);
             tracing::info!(%version, "applied snapshot");
             worker.persist(keep);

@@ -74,7 +74,17 @@ async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: SocketAddr, lo
     match host.mode {
         Mode::Passthrough => {
             worker.metrics.passthrough_started();
-            match crate::passthrough::forward(stream, peeked, host, &rt, peer, local).await {
+            match crate::passthrough::forward(
+                stream,
+                peeked,
+                host,
+                &rt,
+                &worker.health,
+                peer,
+                local,
+            )
+            .await
+            {
                 Ok(moved) => {
                     tracing::debug!(%peer, host = %host.hostname, ?moved, "passthrough done")
                 }

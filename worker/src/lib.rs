@@ -11,6 +11,7 @@ pub mod cli;
 pub mod copy;
 pub mod edge;
 pub mod headers;
+pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod passthrough;
@@ -53,6 +54,8 @@ pub struct Worker {
     pub hello_timeout: std::time::Duration,
     /// How long an upstream may take to answer with headers (then 504).
     pub response_timeout: std::time::Duration,
+    /// Health of every server as this worker sees it.
+    pub health: Arc<health::Health>,
     /// Upstream HTTP/1.1 keep-alive connections.
     pub pool: Arc<pool::Pool>,
     pub admin_addr: OnceLock<SocketAddr>,
@@ -68,6 +71,19 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// Switch to a new runtime: store it, start checking its backends, mark the worker ready.
+    pub fn switch(&self, rt: Arc<runtime::Runtime>) {
+        let hosts = rt.config.hosts.clone();
+        self.health.watch(&rt.config.backends, |backend| {
+            hosts
+                .iter()
+                .find(|h| h.backend_id == backend && !h.hostname.is_wildcard())
+                .map(|h| h.hostname.to_string())
+        });
+        self.current.store(rt);
+        self.ready.send_replace(true);
+    }
+
     /// Queue an applied snapshot for writing to the state directory (latest wins).
     pub fn persist(&self, snapshot: Snapshot) {
         self.persist_tx.send_replace(Some(snapshot));
@@ -104,7 +120,7 @@ async fn persist_loop(state: StateDir, mut rx: watch::Receiver<Option<Snapshot>>
 }
 
 /// Load the stored snapshot, if any and valid, so the worker serves before the API answers.
-fn load_stored(state: &StateDir, current: &Current) {
+fn load_stored(state: &StateDir, worker: &Worker) {
     match state.load() {
         Ok(None) => tracing::info!("no stored snapshot; waiting for the API"),
         Err(e) => tracing::warn!(error = %e, "ignoring the stored snapshot"),
@@ -112,7 +128,7 @@ fn load_stored(state: &StateDir, current: &Current) {
             let version = snapshot.version;
             match runtime::build(snapshot, Source::StateDir, now_text(), None) {
                 Ok(rt) => {
-                    current.store(Arc::new(rt));
+                    worker.switch(Arc::new(rt));
                     tracing::info!(%version, "serving the stored snapshot until the API answers");
                 }
                 Err(e) => tracing::warn!(%version, error = %e, "ignoring the stored snapshot"),
@@ -159,6 +175,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         hello_timeout: edge::HELLO_TIMEOUT,
         response_timeout: std::time::Duration::from_millis(args.response_timeout_ms),
         pool: Arc::new(pool::Pool::default()),
+        health: Arc::new(health::Health::default()),
         admin_addr: OnceLock::new(),
         https_bound: OnceLock::new(),
         current: Current::default(),
@@ -168,7 +185,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         persist_tx,
         ready: watch::channel(false).0,
     });
-    load_stored(&worker.state, &worker.current);
+    load_stored(&worker.state, &worker);
     if let Some(rt) = worker.current.load() {
         worker.metrics.applied(rt.version);
         worker.ready.send_replace(true);

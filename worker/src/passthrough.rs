@@ -32,11 +32,12 @@ pub async fn forward(
     peeked: Vec<u8>,
     host: &Host,
     rt: &Arc<Runtime>,
+    health: &crate::health::Health,
     peer: SocketAddr,
     local: SocketAddr,
 ) -> Result<copy::Moved, PassthroughError> {
     // The pick is held for the life of the stream: least_requests counts open connections.
-    let (mut server, addr, _pick) = connect_with_pick(rt, host.backend_id).await?;
+    let (mut server, addr, _pick) = connect_with_pick(health, rt, host.backend_id).await?;
     let header = match host.proxy_protocol {
         ProxyProtocol::None => Vec::new(),
         ProxyProtocol::V1 => crate::proxy_protocol::v1(peer, local),

@@ -431,7 +431,9 @@ async fn proxy(
     let mut chosen = None;
     let mut last_error = UpstreamError::NoServer;
     for _ in 0..2 {
-        let Some(pick) = balancer.pick(|i| !tried.contains(&i)) else {
+        let Some(pick) = balancer
+            .pick(|i| !tried.contains(&i) && conn.worker.health.usable(backend.servers[i].id))
+        else {
             break;
         };
         let server = &backend.servers[pick.index];
@@ -463,6 +465,14 @@ async fn proxy(
             }
             Err(e) => {
                 tracing::debug!(error = %e, "upstream connect failed");
+                // Passive detection: a failed connect counts toward `fall`.
+                conn.worker.health.record(
+                    server.id,
+                    false,
+                    &backend.health_check,
+                    None,
+                    Some(e.to_string()),
+                );
                 last_error = e;
                 tried.push(pick.index);
             }

@@ -52,6 +52,7 @@ pub async fn connect_server(server: &Server) -> Result<TcpStream, UpstreamError>
 /// Connect to a server of the backend, retrying once on another server if the connect fails;
 /// returns the stream, the server address and the balancer's pick (drop it when done).
 pub async fn connect_with_pick(
+    health: &crate::health::Health,
     rt: &Runtime,
     backend_id: Uuid,
 ) -> Result<(TcpStream, String, Pick), UpstreamError> {
@@ -65,7 +66,9 @@ pub async fn connect_with_pick(
     let mut tried: Vec<usize> = Vec::with_capacity(2);
     let mut last_error = None;
     for _ in 0..2 {
-        let Some(pick) = balancer.pick(|i| !tried.contains(&i)) else {
+        let Some(pick) =
+            balancer.pick(|i| !tried.contains(&i) && health.usable(backend.servers[i].id))
+        else {
             break;
         };
         let server = &backend.servers[pick.index];
@@ -73,6 +76,14 @@ pub async fn connect_with_pick(
             Ok(stream) => return Ok((stream, server.address.to_string(), pick)),
             Err(e) => {
                 tracing::debug!(error = %e, "upstream connect failed");
+                // Passive detection: a failed connect counts toward `fall`.
+                health.record(
+                    server.id,
+                    false,
+                    &backend.health_check,
+                    None,
+                    Some(e.to_string()),
+                );
                 last_error = Some(e);
                 tried.push(pick.index);
             }
