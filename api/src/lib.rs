@@ -125,6 +125,8 @@ pub fn app(state: AppState) -> Router {
             axum::routing::post(config::restore),
         )
         .route("/config/versions/{version}/rollout", get(config::rollout))
+        .route("/backends/{id}/health", get(routes::health::backend))
+        .route("/health", get(routes::health::all))
         .route("/workers", get(routes::workers::list))
         .route(
             "/workers/{id}",

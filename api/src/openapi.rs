@@ -7,7 +7,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{FieldError, Problem};
-use crate::routes::{backends, certificates, config, hosts, ops, workers};
+use crate::routes::{backends, certificates, config, health, hosts, ops, workers};
 
 struct BearerScheme;
 
@@ -40,6 +40,7 @@ impl Modify for BearerScheme {
         hosts::list, hosts::get, hosts::create, hosts::update, hosts::delete,
         config::current, config::history, config::version, config::restore, config::rollout, config::export, config::apply,
         workers::list, workers::get, workers::delete, workers::restart,
+        health::backend, health::all,
         ops::healthz, ops::readyz, ops::metrics,
     ),
     components(schemas(Problem, FieldError)),

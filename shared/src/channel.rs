@@ -50,12 +50,30 @@ pub enum WorkerMessage {
         version: ConfigVersion,
         error: String,
     },
-    /// Health state changes (or, with `full`, every server's state).
+    /// The state of every server this worker checks (sent when one changes, and every few
+    /// seconds, so an API that reconnects rebuilds its view).
     HealthReport {
-        full: bool,
-        changes: Vec<serde_json::Value>,
+        servers: Vec<ServerReport>,
     },
     Heartbeat,
+}
+
+/// One server's health as one worker sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServerReport {
+    pub backend_id: Uuid,
+    pub server_id: Uuid,
+    /// `unknown`, `up` or `down`.
+    pub status: String,
+    /// When the status last changed (RFC 3339).
+    pub since: String,
+    pub last_check: Option<String>,
+    pub latency_ms: Option<f64>,
+    /// Consecutive successes and failures.
+    pub successes: u32,
+    pub failures: u32,
+    pub last_error: Option<String>,
 }
 
 /// What the API says.

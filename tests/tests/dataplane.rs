@@ -732,6 +732,46 @@ async fn a_failing_server_is_checked_down_and_skipped_then_comes_back() {
     let h = health_of(&s).await;
     assert_eq!(h[&sick]["last_error"], "status 500", "{h}");
     assert_eq!(state(&h, &healthy), "up");
+    // The API shows it too, within a second: overall status and this worker's own verdict.
+    let path = format!("/v1/backends/{}/health", s.ids["redmine"]);
+    let found = sluice_tests::wait_for(std::time::Duration::from_secs(1), || async {
+        let v = s.api.http.get(&path).await.1;
+        let statuses: Vec<String> = v["servers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| x["status"].as_str().unwrap_or("").to_owned())
+            .collect();
+        (statuses == ["up", "down"]).then_some(v)
+    })
+    .await;
+    let view = match found {
+        Some(v) => v,
+        None => panic!(
+            "the API's health view follows the worker: {}",
+            s.api.http.get(&path).await.1
+        ),
+    };
+    let verdict = &view["servers"][1]["workers"][0];
+    assert_eq!(
+        (verdict["worker_name"].as_str(), verdict["status"].as_str()),
+        (Some("edge-1"), Some("down")),
+        "{view}"
+    );
+    assert_eq!(verdict["last_error"], "status 500");
+    assert!(verdict["failures"].as_u64().unwrap() >= 2);
+    let summary = s.api.http.get("/v1/health").await.1;
+    let redmine = summary
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "redmine")
+        .unwrap();
+    assert_eq!(
+        (redmine["up"].as_u64(), redmine["down"].as_u64()),
+        (Some(1), Some(1)),
+        "{summary}"
+    );
     let mut h2 = s.h2("redmine.beerme").await;
     for _ in 0..6 {
         let r = h2.get("redmine.beerme", "/", &[]).await;

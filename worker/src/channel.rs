@@ -169,6 +169,9 @@ async fn session(worker: &Arc<Worker>, backoff: &mut Backoff) -> Result<(), Chan
     sink.send(to_message(encode(&hello, false))).await?;
 
     let mut heartbeat = DEFAULT_HEARTBEAT;
+    // Health goes to the API on every change and every few seconds (so a restarted API
+    // rebuilds its view).
+    let mut full_report = tokio::time::interval(Duration::from_secs(5));
     let mut tick = tokio::time::interval(heartbeat);
     let mut last_heard = Instant::now();
     loop {
@@ -198,6 +201,14 @@ async fn session(worker: &Arc<Worker>, backoff: &mut Backoff) -> Result<(), Chan
                     ApiMessage::Heartbeat => {}
                     ApiMessage::Refused { reason } => return Err(ChannelError::Refused(reason)),
                 }
+            }
+            _ = worker.health.changed.notified() => {
+                let report = WorkerMessage::HealthReport { servers: worker.health.report() };
+                sink.send(to_message(encode(&report, false))).await?;
+            }
+            _ = full_report.tick() => {
+                let report = WorkerMessage::HealthReport { servers: worker.health.report() };
+                sink.send(to_message(encode(&report, false))).await?;
             }
             _ = tick.tick() => {
                 let silent = last_heard.elapsed();

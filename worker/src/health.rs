@@ -82,7 +82,11 @@ impl ServerHealth {
 #[derive(Debug, Default)]
 pub struct Health {
     servers: Mutex<HashMap<Uuid, ServerHealth>>,
+    /// The backend of each checked server.
+    owners: Mutex<HashMap<Uuid, Uuid>>,
     checkers: Mutex<Option<JoinSet<()>>>,
+    /// Woken when a server changes state (the channel then reports to the API).
+    pub changed: tokio::sync::Notify,
 }
 
 impl Health {
@@ -114,7 +118,40 @@ impl Health {
         }
         if changed {
             tracing::info!(%server, status = ?h.status, "server health changed");
+            self.changed.notify_one();
         }
+    }
+
+    /// Every checked server's state, as reported to the API.
+    pub fn report(&self) -> Vec<sluice_shared::channel::ServerReport> {
+        let owners = self
+            .owners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let servers = self.snapshot();
+        owners
+            .into_iter()
+            .map(|(server_id, backend_id)| {
+                let h = servers.get(&server_id).cloned().unwrap_or_default();
+                sluice_shared::channel::ServerReport {
+                    backend_id,
+                    server_id,
+                    status: match h.status {
+                        Status::Unknown => "unknown",
+                        Status::Up => "up",
+                        Status::Down => "down",
+                    }
+                    .to_owned(),
+                    since: h.since,
+                    last_check: h.last_check,
+                    latency_ms: h.latency_ms,
+                    successes: h.successes,
+                    failures: h.failures,
+                    last_error: h.last_error,
+                }
+            })
+            .collect()
     }
 
     /// A copy of every server's state.
@@ -134,9 +171,11 @@ impl Health {
     ) {
         let mut set = JoinSet::new();
         let mut live = std::collections::HashSet::new();
+        let mut owners = HashMap::new();
         for b in backends {
             for s in &b.servers {
                 live.insert(s.id);
+                owners.insert(s.id, b.id);
                 let (health, check, server, host) = (
                     self.clone(),
                     b.health_check.clone(),
@@ -150,6 +189,7 @@ impl Health {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|id, _| live.contains(id));
+        *self.owners.lock().unwrap_or_else(|e| e.into_inner()) = owners;
         // Dropping the previous JoinSet aborts its checkers.
         *self.checkers.lock().unwrap_or_else(|e| e.into_inner()) = Some(set);
     }

@@ -239,7 +239,8 @@ async fn serve(
                         }
                         push_if_behind(app, sink, &mut pos).await?;
                     }
-                    WorkerMessage::Heartbeat | WorkerMessage::HealthReport { .. } => {}
+                    WorkerMessage::HealthReport { servers } => app.workers.health_report(worker_id, servers),
+                    WorkerMessage::Heartbeat => {}
                     WorkerMessage::Hello { .. } => anyhow::bail!("Hello sent twice"),
                 }
             }

@@ -37,6 +37,8 @@ pub struct Hub {
     acks: watch::Sender<u64>,
     /// The encoded snapshot of the newest version, shared by every session that sends it.
     cache: tokio::sync::Mutex<Option<(ConfigVersion, Arc<Frame>)>>,
+    /// Each connected worker's latest health report.
+    health: Mutex<HashMap<Uuid, Vec<sluice_shared::channel::ServerReport>>>,
     /// Size on the wire of the newest snapshot frame (compressed), for metrics.
     pub snapshot_bytes: std::sync::atomic::AtomicU64,
 }
@@ -58,6 +60,7 @@ impl Hub {
             applied: Mutex::default(),
             acks: watch::channel(0).0,
             cache: tokio::sync::Mutex::new(None),
+            health: Mutex::default(),
             snapshot_bytes: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -103,6 +106,28 @@ impl Hub {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
         }
+    }
+
+    /// Store a worker's health report (it replaces the previous one).
+    pub fn health_report(&self, id: Uuid, servers: Vec<sluice_shared::channel::ServerReport>) {
+        self.health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, servers);
+    }
+
+    /// What every connected worker reports about the servers of `backend`: (worker, report).
+    pub fn health_of(&self, backend: Uuid) -> Vec<(Uuid, sluice_shared::channel::ServerReport)> {
+        let health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        health
+            .iter()
+            .flat_map(|(w, reports)| {
+                reports
+                    .iter()
+                    .filter(|r| r.backend_id == backend)
+                    .map(move |r| (*w, r.clone()))
+            })
+            .collect()
     }
 
     pub fn is_connected(&self, id: Uuid) -> bool {
