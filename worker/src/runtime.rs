@@ -68,7 +68,7 @@ pub struct Runtime {
     /// rustls server configuration per certificate (for terminate hosts).
     pub server_configs: HashMap<Uuid, Arc<rustls::ServerConfig>>,
     /// rustls client configuration per `https` backend.
-    pub upstream_tls: HashMap<Uuid, Arc<rustls::ClientConfig>>,
+    pub upstream_tls: HashMap<Uuid, crate::upstream_tls::Upstream>,
 }
 
 impl Runtime {
@@ -200,7 +200,7 @@ pub fn build(
         .filter(|b| b.protocol == sluice_shared::Protocol::Https)
     {
         let settings = b.tls.clone().unwrap_or_default();
-        let client = crate::upstream_tls::client_config(&settings).map_err(|reason| {
+        let client = crate::upstream_tls::Upstream::new(&settings).map_err(|reason| {
             BuildError::UpstreamTls {
                 name: b.name.clone(),
                 reason,

@@ -439,17 +439,12 @@ async fn proxy(
         let server = &backend.servers[pick.index];
         let key = PoolKey {
             address: server.address.to_string(),
-            tls: tls.map(|(_, t)| {
+            tls: tls.map(|(u, t)| {
                 let sni = t
                     .server_name
                     .as_ref()
                     .map_or_else(|| server.address.host_str(), |n| n.to_string());
-                let ca = t
-                    .ca_pem
-                    .as_deref()
-                    .map(|c| sluice_shared::certs::sha256_hex(c.as_bytes()))
-                    .unwrap_or_default();
-                (sni, t.verify, ca)
+                (sni, t.verify, u.ca_sha256.clone())
             }),
         };
         if upgrade.is_none() {
@@ -458,7 +453,7 @@ async fn proxy(
                 break;
             }
         }
-        match open(server, tls).await {
+        match open(server, tls.map(|(u, t)| (&u.config, t))).await {
             Ok(sender) => {
                 chosen = Some((sender, key, pick));
                 break;

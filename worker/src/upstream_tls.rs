@@ -80,6 +80,27 @@ fn roots(tls: &BackendTls) -> Result<RootCertStore, String> {
     Ok(store)
 }
 
+/// What a worker keeps per `https` backend: the client configuration and the CA bundle's hash,
+/// which goes into the pool key (computed once per snapshot, not per request).
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub config: Arc<ClientConfig>,
+    pub ca_sha256: String,
+}
+
+impl Upstream {
+    pub fn new(tls: &BackendTls) -> Result<Upstream, String> {
+        Ok(Upstream {
+            config: client_config(tls)?,
+            ca_sha256: tls
+                .ca_pem
+                .as_deref()
+                .map(|c| certs::sha256_hex(c.as_bytes()))
+                .unwrap_or_default(),
+        })
+    }
+}
+
 /// The client configuration for a backend's TLS settings (ALPN `http/1.1`).
 pub fn client_config(tls: &BackendTls) -> Result<Arc<ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
