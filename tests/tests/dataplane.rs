@@ -44,7 +44,10 @@ async fn seed() -> Seed {
         &dir.path().join("w"),
         "edge-1",
         WORKER_TOKEN,
-        &[("SLUICE_RESPONSE_TIMEOUT_MS", "1500")],
+        &[
+            ("SLUICE_RESPONSE_TIMEOUT_MS", "1500"),
+            ("SLUICE_HELLO_TIMEOUT_MS", "500"),
+        ],
     );
     let ca = TestCa::new();
     let odoo_ca = TestCa::new();
@@ -795,4 +798,48 @@ async fn a_failing_server_is_checked_down_and_skipped_then_comes_back() {
     let started = std::time::Instant::now();
     assert_eq!(h2.get("redmine.beerme", "/", &[]).await.status, 503);
     assert!(started.elapsed() < std::time::Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_too_slow_with_its_hello_or_not_speaking_tls_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = seed().await;
+    // Half a ClientHello, then silence: closed after the hello timeout (500 ms here).
+    let mut slow = tokio::net::TcpStream::connect(s.worker.https)
+        .await
+        .unwrap();
+    slow.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), slow.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(450));
+    // Plain HTTP on the TLS port: closed at once.
+    let mut plain = tokio::net::TcpStream::connect(s.worker.https)
+        .await
+        .unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: redmine.beerme\r\n\r\n")
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(std::time::Duration::from_secs(2), plain.read(&mut buf))
+        .await
+        .expect("closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let metrics = s.worker.http.get("/metrics").await.1;
+    let metrics = metrics.as_str().unwrap();
+    assert!(
+        metrics.contains(r#"sluice_worker_connections_closed_total{reason="HelloTimeout"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"sluice_worker_connections_closed_total{reason="NotTls"} 1"#),
+        "{metrics}"
+    );
 }

@@ -96,10 +96,10 @@ pub fn channel_url(api: &str) -> Result<String, ChannelError> {
 pub async fn run(worker: Arc<Worker>, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = Backoff::default();
     loop {
-        let result = tokio::select! {
-            r = session(&worker, &mut backoff) => r,
-            _ = shutdown.changed() => return,
-        };
+        let result = session(&worker, &mut backoff, &mut shutdown).await;
+        if *shutdown.borrow() {
+            return;
+        }
         worker.connected.store(false, Ordering::Relaxed);
         let delay = match result {
             Ok(()) => backoff.next_delay(rand::thread_rng().gen()),
@@ -130,7 +130,11 @@ fn to_message(frame: Frame) -> Message {
 }
 
 /// One connection: Hello, then serve messages until it breaks.
-async fn session(worker: &Arc<Worker>, backoff: &mut Backoff) -> Result<(), ChannelError> {
+async fn session(
+    worker: &Arc<Worker>,
+    backoff: &mut Backoff,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), ChannelError> {
     let mut request = channel_url(&worker.api)?.into_client_request()?;
     let auth = format!("Bearer {}", worker.token);
     request.headers_mut().insert(
@@ -209,6 +213,11 @@ async fn session(worker: &Arc<Worker>, backoff: &mut Backoff) -> Result<(), Chan
             _ = full_report.tick() => {
                 let report = WorkerMessage::HealthReport { servers: worker.health.report() };
                 sink.send(to_message(encode(&report, false))).await?;
+            }
+            _ = shutdown.changed() => {
+                // Say goodbye properly so the API logs a close, not a reset.
+                let _ = sink.send(Message::Close(None)).await;
+                return Ok(());
             }
             _ = tick.tick() => {
                 let silent = last_heard.elapsed();

@@ -36,6 +36,10 @@ pub struct WorkerArgs {
     /// How long an upstream may take to send its response headers, in milliseconds (then 504).
     #[arg(long, env = "SLUICE_RESPONSE_TIMEOUT_MS", default_value_t = 60_000)]
     pub response_timeout_ms: u64,
+    /// How long a client may take to send its whole TLS ClientHello, in milliseconds (HAProxy's
+    /// `tcp-request inspect-delay`); slower connections are closed.
+    #[arg(long, env = "SLUICE_HELLO_TIMEOUT_MS", default_value_t = 5_000)]
+    pub hello_timeout_ms: u64,
     /// On SIGTERM, how long open connections may take to finish, in milliseconds.
     #[arg(long, env = "SLUICE_DRAIN_MS", default_value_t = 10_000)]
     pub drain_ms: u64,

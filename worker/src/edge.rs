@@ -17,8 +17,6 @@ use crate::metrics::Closed;
 use crate::sni::{self, Peek};
 use crate::Worker;
 
-/// How long a client may take to send its whole ClientHello (HAProxy's `inspect-delay`).
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Hard cap on bytes read while waiting for the hello (a 64 KiB hello in 1-byte records).
 const PEEK_CAP: usize = 6 * sni::MAX_HELLO + 5;
 

@@ -172,7 +172,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         token,
         https_addr: args.https,
         public_https_port: args.public_https_port,
-        hello_timeout: edge::HELLO_TIMEOUT,
+        hello_timeout: std::time::Duration::from_millis(args.hello_timeout_ms),
         response_timeout: std::time::Duration::from_millis(args.response_timeout_ms),
         pool: Arc::new(pool::Pool::default()),
         health: Arc::new(health::Health::default()),
