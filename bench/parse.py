@@ -12,7 +12,22 @@ def ms(value, unit):
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-if tool == "wrk":
+def mbps(value, unit):
+    return float(value) * {"B": 1e-6, "KB": 1.024e-3, "MB": 1.048576, "GB": 1073.741824}[unit]
+
+
+if tool == "bulk":
+    m = re.search(r"Transfer/sec:\s+([\d.]+)(B|KB|MB|GB)", text)
+    out["mb_s"] = mbps(*m.groups()) if m else 0.0
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    out["rps"] = float(m.group(1)) if m else 0.0
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    if m:
+        out["errors"].append(f"{m.group(1)} non-2xx/3xx")
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m and any(int(x) for x in m.groups()):
+        out["errors"].append("socket errors " + "/".join(m.groups()))
+elif tool == "wrk":
     m = re.search(r"Requests/sec:\s+([\d.]+)", text)
     out["rps"] = float(m.group(1)) if m else 0.0
     for pct in ("50", "99"):

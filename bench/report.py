@@ -53,7 +53,8 @@ def cell(s, fmt):
 rows = []
 table = {}
 for workload, metrics in (("h1", [("rps", "{:.0f}"), ("p50_ms", "{:.2f}"), ("p99_ms", "{:.2f}")]),
-                          ("h2", [("rps", "{:.0f}"), ("mean_ms", "{:.2f}")])):
+                          ("h2", [("rps", "{:.0f}"), ("mean_ms", "{:.2f}")]),
+                          ("passthrough", [("mb_s", "{:.0f}")])):
     for proxy in ("sluice", "nginx", "haproxy", "direct"):
         sums = {k: summary(proxy, workload, k) for k, _ in metrics}
         if all(v is None for v in sums.values()):
@@ -76,6 +77,7 @@ ratios = {
     "h1_rps_vs_best": ratio("h1", "rps"),
     "h1_p99_vs_best": ratio("h1", "p99_ms", higher_better=False),
     "h2_rps_vs_best": ratio("h2", "rps"),
+    "passthrough_mb_s_vs_best": ratio("passthrough", "mb_s"),
 }
 
 md = ["# Benchmark results", "", f"Command: `{meta['command']}` at commit `{meta['commit']}`.", "",
@@ -88,6 +90,9 @@ md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "h1"]
 md += ["", "## Workload 2: HTTP/2 through TLS termination (h2load -c 64 -m 10)", "",
        "| proxy | requests/s | mean ms |", "|---|---|---|"]
 md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "h2"]
+md += ["", "## Workload 5: TLS passthrough by SNI, bulk download (wrk -c8, 64 MiB file from a TLS backend)", "",
+       "| proxy | MB/s |", "|---|---|"]
+md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "passthrough"]
 md += ["", "Sluice relative to the better of NGINX and HAProxy (requests/s: >1 is faster; p99: <1 is better):", ""]
 md += [f"- {k}: {v:.2f}" if v is not None else f"- {k}: n/a" for k, v in ratios.items()]
 md += ["", "## Control plane", "", "| benchmark | result |", "|---|---|"]

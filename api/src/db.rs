@@ -538,6 +538,12 @@ impl WriteTx<'_> {
     /// Make the stored configuration equal to `config` (keys must already be stored): objects
     /// missing from it are deleted, the others inserted or updated.
     pub async fn replace_config(&mut self, config: &Config, now: &str) -> DbResult<()> {
+        // Deletions come first (so names freed by removed objects can be reused), while hosts
+        // that stay may still point at removed backends or certificates until they are updated
+        // below: foreign keys are checked at commit, when everything is in place again.
+        sqlx::query("PRAGMA defer_foreign_keys = ON")
+            .execute(&mut *self.tx)
+            .await?;
         let keep = |ids: Vec<Uuid>| -> String {
             serde_json::to_string(&ids.iter().map(Uuid::to_string).collect::<Vec<_>>())
                 .unwrap_or_default()

@@ -254,3 +254,50 @@ async fn ten_thousand_hosts_round_trip() {
         2
     );
 }
+
+#[tokio::test]
+async fn one_document_can_move_a_host_to_a_new_backend_and_certificate_and_drop_the_old_ones() {
+    let api = TestApi::new().await;
+    let cert = beerme();
+    api.put("/v1/config", doc(&cert)).await;
+    let host_id = api
+        .get("/v1/hosts")
+        .await
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["hostname"] == "redmine.beerme")
+        .unwrap()["id"]
+        .clone();
+    let other = self_signed(&["redmine.beerme"]);
+    let moved = json!({
+        "certificates": [{"name": "redmine-only", "cert_pem": other.0, "key_pem": other.1}],
+        "backends": [{"name": "redmine-v2", "protocol": "http", "servers": [{"address": "10.4.1.21:30080"}]}],
+        "hosts": [{"hostname": "redmine.beerme", "mode": "terminate", "backend": "redmine-v2", "certificate": "redmine-only"}]
+    });
+    let r = api.put("/v1/config", moved).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let hosts = api.get("/v1/hosts").await.body;
+    assert_eq!(hosts.as_array().unwrap().len(), 1);
+    assert_eq!(hosts[0]["id"], host_id, "the host keeps its id");
+    let names: Vec<String> = api
+        .get("/v1/backends")
+        .await
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["redmine-v2"]);
+    assert_eq!(
+        api.get("/v1/certificates")
+            .await
+            .body
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
