@@ -300,15 +300,21 @@ async fn terminated_http1_and_http2_reach_the_backend_with_forwarded_headers() {
         metrics.contains("sluice_worker_open_connections"),
         "{metrics}"
     );
-    // One access-log line per request, like HAProxy's httplog.
-    let access = s
-        .worker
-        .proc
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("sluice_worker::access") && l.contains("host=redmine.beerme"))
-        .count();
-    assert_eq!(access, 2);
+    // One access-log line per request, like HAProxy's httplog (read from the worker's stderr,
+    // which arrives asynchronously).
+    let count = || {
+        s.worker
+            .proc
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("sluice_worker::access") && l.contains("host=redmine.beerme"))
+            .count()
+    };
+    let access = sluice_tests::wait_for(std::time::Duration::from_secs(5), || async {
+        (count() >= 2).then(count)
+    })
+    .await;
+    assert_eq!(access, Some(2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
