@@ -142,7 +142,23 @@ impl Drop for Proc {
         if std::thread::panicking() {
             eprintln!("--- log of {} ---\n{}", self.what, self.log_text());
         }
-        self.kill9();
+        // SIGTERM first, so an API stops its managed workers instead of orphaning them; SIGKILL
+        // if it has not exited within a few seconds.
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
