@@ -12,6 +12,18 @@ def ms(value, unit):
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
+def wrk_errors(text):
+    """Non-2xx answers and socket errors that wrk reports."""
+    errors = []
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    if m:
+        errors.append(f"{m.group(1)} non-2xx/3xx")
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m and any(int(x) for x in m.groups()):
+        errors.append("socket errors " + "/".join(m.groups()))
+    return errors
+
+
 def mbps(value, unit):
     return float(value) * {"B": 1e-6, "KB": 1.024e-3, "MB": 1.048576, "GB": 1073.741824}[unit]
 
@@ -21,24 +33,14 @@ if tool == "bulk":
     out["mb_s"] = mbps(*m.groups()) if m else 0.0
     m = re.search(r"Requests/sec:\s+([\d.]+)", text)
     out["rps"] = float(m.group(1)) if m else 0.0
-    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-    if m:
-        out["errors"].append(f"{m.group(1)} non-2xx/3xx")
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    if m and any(int(x) for x in m.groups()):
-        out["errors"].append("socket errors " + "/".join(m.groups()))
+    out["errors"] += wrk_errors(text)
 elif tool == "wrk":
     m = re.search(r"Requests/sec:\s+([\d.]+)", text)
     out["rps"] = float(m.group(1)) if m else 0.0
     for pct in ("50", "99"):
         m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
         out[f"p{pct}_ms"] = ms(*m.groups()) if m else None
-    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-    if m:
-        out["errors"].append(f"{m.group(1)} non-2xx/3xx")
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    if m and any(int(x) for x in m.groups()):
-        out["errors"].append("socket errors " + "/".join(m.groups()))
+    out["errors"] += wrk_errors(text)
 else:
     m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", text)
     out["rps"] = float(m.group(1)) if m else 0.0

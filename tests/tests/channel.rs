@@ -61,6 +61,27 @@ async fn a_write_is_pushed_to_two_workers_and_rollout_shows_both_applied() {
     );
 }
 
+/// A TLS backend for `app.example` with its own CA, and a passthrough host routing to it.
+async fn passthrough_app(api: &Api) -> (sluice_tests::net::TestCa, sluice_tests::net::TlsBackend) {
+    let ca = sluice_tests::net::TestCa::new();
+    let (chain, key) = ca.leaf(&["app.example"]);
+    let backend = sluice_tests::net::TlsBackend::start("app", &chain, &key, false).await;
+    let (status, b) = api
+        .http
+        .post("/v1/backends", json!({"name": "app", "protocol": "tcp", "servers": [{"address": backend.addr.to_string()}]}))
+        .await;
+    assert_eq!(status, 201, "{b}");
+    let (status, h) = api
+        .http
+        .post(
+            "/v1/hosts",
+            json!({"hostname": "app.example", "mode": "passthrough", "backend_id": b["id"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{h}");
+    (ca, backend)
+}
+
 /// A TLS request for `app.example` through a worker, passed through to the test backend.
 async fn request_through(worker: &Worker, ca: &sluice_tests::net::TestCa) -> u16 {
     use sluice_tests::net::{tls_connect, H1};
@@ -72,28 +93,13 @@ async fn request_through(worker: &Worker, ca: &sluice_tests::net::TestCa) -> u16
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_outlive_the_api_and_serve_from_their_state_dir() {
-    use sluice_tests::net::{TestCa, TlsBackend};
     let dir = tempfile::tempdir().unwrap();
     let api_dir = dir.path().join("api");
     let mut api = Api::start(&api_dir, "127.0.0.1:0", HEARTBEAT);
     let port = api.addr.port();
     let w1 = Worker::start(&api.url(), &dir.path().join("w1"), "edge-1", WORKER_TOKEN);
     let w2 = Worker::start(&api.url(), &dir.path().join("w2"), "edge-2", WORKER_TOKEN);
-    let ca = TestCa::new();
-    let (chain, key) = ca.leaf(&["app.example"]);
-    let backend = TlsBackend::start("app", &chain, &key, false).await;
-    let (_, b) = api
-        .http
-        .post("/v1/backends", json!({"name": "app", "protocol": "tcp", "servers": [{"address": backend.addr.to_string()}]}))
-        .await;
-    let (status, _) = api
-        .http
-        .post(
-            "/v1/hosts",
-            json!({"hostname": "app.example", "mode": "passthrough", "backend_id": b["id"]}),
-        )
-        .await;
-    assert_eq!(status, 201);
+    let (ca, _backend) = passthrough_app(&api).await;
     let v = api.version().await;
     api.wait_applied(2, v).await;
 
@@ -363,7 +369,7 @@ fn migrate_req_on() -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_managed_workers_refuses_no_connection() {
-    use sluice_tests::net::{tls_connect, TestCa, TlsBackend, H1};
+    use sluice_tests::net::{tls_connect, H1};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
 
@@ -384,22 +390,7 @@ async fn a_rolling_restart_of_managed_workers_refuses_no_connection() {
             &http,
         ],
     );
-    let ca = TestCa::new();
-    let (chain, key) = ca.leaf(&["app.example"]);
-    let backend = TlsBackend::start("app", &chain, &key, false).await;
-    let (status, b) = api
-        .http
-        .post("/v1/backends", json!({"name": "app", "protocol": "tcp", "servers": [{"address": backend.addr.to_string()}]}))
-        .await;
-    assert_eq!(status, 201, "{b}");
-    let (status, _) = api
-        .http
-        .post(
-            "/v1/hosts",
-            json!({"hostname": "app.example", "mode": "passthrough", "backend_id": b["id"]}),
-        )
-        .await;
-    assert_eq!(status, 201);
+    let (ca, _backend) = passthrough_app(&api).await;
     let v = api.version().await;
     let workers = api.wait_applied(2, v).await;
 

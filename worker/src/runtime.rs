@@ -79,8 +79,14 @@ impl Runtime {
 
     /// The host serving `name` (an SNI or Host value): exact match first, then wildcard.
     pub fn host(&self, name: &str) -> Option<&Host> {
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(&i) = self.exact.get(&name) {
+        // Called per connection and per request: copy only when the name is not lower case yet.
+        let name = name.trim_end_matches('.');
+        let name: std::borrow::Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            name.to_ascii_lowercase().into()
+        } else {
+            name.into()
+        };
+        if let Some(&i) = self.exact.get(name.as_ref()) {
             return Some(&self.config.hosts[i]);
         }
         let (_, suffix) = name.split_once('.')?;
