@@ -74,6 +74,27 @@ pub struct ServerReport {
     pub successes: u32,
     pub failures: u32,
     pub last_error: Option<String>,
+    /// Multiplexed upstream connections to this server (HTTP/2 backends only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamStats>,
+}
+
+/// A worker's connections to one server, for backends it talks HTTP/2 to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamStats {
+    /// `h2`.
+    pub protocol: String,
+    /// Connections open now.
+    pub connections: u64,
+    /// Streams in flight now.
+    pub streams_in_flight: u64,
+    /// Requests sent since the worker started.
+    pub requests: u64,
+    /// Connections opened since the worker started.
+    pub connections_opened: u64,
+    /// `requests / connections_opened`: how many requests each connection carried.
+    pub reuse_ratio: Option<f64>,
 }
 
 /// What the API says.

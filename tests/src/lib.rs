@@ -2,6 +2,7 @@
 //! loopback ports, talk to them over HTTP, wait on probes (never on fixed sleeps), and kill
 //! every process when a test ends, however it ends.
 
+pub mod h2;
 pub mod net;
 
 use std::io::{BufRead, BufReader};

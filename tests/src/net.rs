@@ -64,7 +64,7 @@ impl TestCa {
     }
 }
 
-type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
 /// A body of `n` zero bytes, produced 64 KiB at a time (never held whole).
 pub fn stream_body(n: u64) -> BoxBody {
@@ -312,11 +312,30 @@ impl Drop for TlsBackend {
 }
 
 impl TlsBackend {
+    /// A backend offering ALPN `h2, http/1.1`.
     pub async fn start(
         name: &str,
         chain_pem: &str,
         key_pem: &str,
         proxy_protocol: bool,
+    ) -> TlsBackend {
+        TlsBackend::start_alpn(
+            name,
+            chain_pem,
+            key_pem,
+            proxy_protocol,
+            &[b"h2", b"http/1.1"],
+        )
+        .await
+    }
+
+    /// A backend offering these ALPN protocols.
+    pub async fn start_alpn(
+        name: &str,
+        chain_pem: &str,
+        key_pem: &str,
+        proxy_protocol: bool,
+        alpn: &[&[u8]],
     ) -> TlsBackend {
         use rustls::pki_types::pem::PemObject;
         let chain: Vec<CertificateDer<'static>> =
@@ -332,7 +351,7 @@ impl TlsBackend {
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .expect("server config");
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");

@@ -71,6 +71,7 @@ async fn seed() -> Seed {
         "badca.beerme",
         "ws.beerme",
         "slow.beerme",
+        "legacy.beerme",
     ]);
     let ws = WsBackend::start().await;
     let silent = SilentBackend::start().await;
@@ -562,7 +563,35 @@ async fn https_backends_are_verified_against_their_ca_and_name() {
         "{:?}",
         r.body
     );
-    assert_eq!(r.body["h2"], false, "HTTP/1.1 to the backend");
+    assert_eq!(
+        r.body["h2"], true,
+        "HTTP/2 to the backend: its ALPN offered h2"
+    );
+
+    // A backend that offers only http/1.1 gets HTTP/1.1.
+    let (chain, key) = s.odoo_ca.leaf(&["legacy.internal"]);
+    let legacy = TlsBackend::start_alpn("legacy", &chain, &key, false, &[b"http/1.1"]).await;
+    let backend = post(
+        &s.api,
+        "/v1/backends",
+        json!({"name": "legacy", "protocol": "https",
+            "servers": [{"address": legacy.addr.to_string()}],
+            "tls": {"verify": true, "ca_pem": s.odoo_ca.pem, "server_name": "legacy.internal"}}),
+    )
+    .await;
+    post(
+        &s.api,
+        "/v1/hosts",
+        json!({"hostname": "legacy.beerme", "mode": "terminate", "backend_id": backend}),
+    )
+    .await;
+    s.worker.wait_version(s.api.version().await).await;
+    let mut client = s.h2("legacy.beerme").await;
+    for _ in 0..3 {
+        let r = client.get("legacy.beerme", "/", &[]).await;
+        assert_eq!((r.status, backend_of(&r)), (200, "legacy".to_owned()));
+        assert_eq!(r.body["h2"], false, "HTTP/1.1 to an http/1.1-only backend");
+    }
     let mut bad = s.h2("badca.beerme").await;
     assert_eq!(
         bad.get("badca.beerme", "/", &[]).await.status,

@@ -207,11 +207,11 @@ async fn session(
                 }
             }
             _ = worker.health.changed.notified() => {
-                let report = WorkerMessage::HealthReport { servers: worker.health.report() };
+                let report = WorkerMessage::HealthReport { servers: worker.server_reports() };
                 sink.send(to_message(encode(&report, false))).await?;
             }
             _ = full_report.tick() => {
-                let report = WorkerMessage::HealthReport { servers: worker.health.report() };
+                let report = WorkerMessage::HealthReport { servers: worker.server_reports() };
                 sink.send(to_message(encode(&report, false))).await?;
             }
             _ = shutdown.changed() => {

@@ -149,6 +149,7 @@ impl Health {
                     successes: h.successes,
                     failures: h.failures,
                     last_error: h.last_error,
+                    upstream: None,
                 }
             })
             .collect()

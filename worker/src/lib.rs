@@ -10,6 +10,7 @@ pub mod channel;
 pub mod cli;
 pub mod copy;
 pub mod edge;
+pub mod h2pool;
 pub mod headers;
 pub mod health;
 pub mod listener;
@@ -24,6 +25,7 @@ pub mod sni;
 pub mod state;
 pub mod terminate;
 pub mod upstream;
+pub mod upstream_h2;
 pub mod upstream_tls;
 
 use std::net::SocketAddr;
@@ -58,6 +60,8 @@ pub struct Worker {
     pub health: Arc<health::Health>,
     /// Upstream HTTP/1.1 keep-alive connections.
     pub pool: Arc<pool::Pool>,
+    /// Upstream HTTP/2 connections, multiplexed and shared by every client.
+    pub h2pool: Arc<h2pool::H2Pool>,
     pub admin_addr: OnceLock<SocketAddr>,
     /// The HTTPS listener's bound address.
     pub https_bound: OnceLock<SocketAddr>,
@@ -82,6 +86,27 @@ impl Worker {
         });
         self.current.store(rt);
         self.ready.send_replace(true);
+    }
+
+    /// Every server's health as this worker sees it, with its upstream HTTP/2 connection
+    /// figures where there are any.
+    pub fn server_reports(&self) -> Vec<sluice_shared::channel::ServerReport> {
+        let mut reports = self.health.report();
+        let stats = self.h2pool.stats();
+        if stats.is_empty() {
+            return reports;
+        }
+        if let Some(rt) = self.current.load() {
+            for r in &mut reports {
+                let address = rt
+                    .config
+                    .backend(r.backend_id)
+                    .and_then(|b| b.servers.iter().find(|s| s.id == r.server_id))
+                    .map(|s| s.address.to_string());
+                r.upstream = address.and_then(|a| stats.get(&a).cloned());
+            }
+        }
+        reports
     }
 
     /// Queue an applied snapshot for writing to the state directory (latest wins).
@@ -165,6 +190,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .worker_id(args.worker_id)
         .context("reading the worker id")?;
     let (persist_tx, persist_rx) = watch::channel(None);
+    let metrics = Metrics::default();
     let worker = Arc::new(Worker {
         id,
         name: args.name.clone().unwrap_or_else(default_name),
@@ -175,12 +201,13 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         hello_timeout: std::time::Duration::from_millis(args.hello_timeout_ms),
         response_timeout: std::time::Duration::from_millis(args.response_timeout_ms),
         pool: Arc::new(pool::Pool::default()),
+        h2pool: Arc::new(h2pool::H2Pool::new(metrics.h2_server_metrics())),
         health: Arc::new(health::Health::default()),
         admin_addr: OnceLock::new(),
         https_bound: OnceLock::new(),
         current: Current::default(),
         connected: AtomicBool::new(false),
-        metrics: Metrics::default(),
+        metrics,
         state: state.clone(),
         persist_tx,
         ready: watch::channel(false).0,

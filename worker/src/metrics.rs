@@ -27,6 +27,11 @@ struct ClosedLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerLabels {
+    server: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     host: String,
     status: u16,
@@ -46,6 +51,10 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     upstream_seconds: Histogram,
     open_connections: Gauge,
+    h2_connections: Family<ServerLabels, Gauge>,
+    h2_streams: Family<ServerLabels, Gauge>,
+    h2_requests: Family<ServerLabels, Counter>,
+    h2_opened: Family<ServerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -65,6 +74,10 @@ impl Default for Metrics {
                 10.0,
             ]),
             open_connections: Gauge::default(),
+            h2_connections: Family::default(),
+            h2_streams: Family::default(),
+            h2_requests: Family::default(),
+            h2_opened: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -113,6 +126,26 @@ impl Default for Metrics {
             "Client connections open on the HTTPS port",
             m.open_connections.clone(),
         );
+        registry.register(
+            "upstream_h2_connections",
+            "Upstream HTTP/2 connections open, per server",
+            m.h2_connections.clone(),
+        );
+        registry.register(
+            "upstream_h2_streams",
+            "Upstream HTTP/2 streams in flight, per server",
+            m.h2_streams.clone(),
+        );
+        registry.register(
+            "upstream_h2_requests",
+            "Requests sent over upstream HTTP/2 connections, per server",
+            m.h2_requests.clone(),
+        );
+        registry.register(
+            "upstream_h2_connections_opened",
+            "Upstream HTTP/2 connections opened, per server",
+            m.h2_opened.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -156,6 +189,27 @@ impl Metrics {
     pub fn connection_opened(&self) -> OpenConnection {
         self.open_connections.inc();
         OpenConnection(self.open_connections.clone())
+    }
+
+    /// Makes the metric handles of one upstream HTTP/2 server (for the HTTP/2 pool).
+    pub fn h2_server_metrics(&self) -> crate::h2pool::MetricsFactory {
+        let (c, s, r, o) = (
+            self.h2_connections.clone(),
+            self.h2_streams.clone(),
+            self.h2_requests.clone(),
+            self.h2_opened.clone(),
+        );
+        std::sync::Arc::new(move |server: &str| {
+            let l = ServerLabels {
+                server: server.to_owned(),
+            };
+            crate::h2pool::ServerMetrics {
+                connections: c.get_or_create(&l).clone(),
+                streams: s.get_or_create(&l).clone(),
+                requests: r.get_or_create(&l).clone(),
+                opened: o.get_or_create(&l).clone(),
+            }
+        })
     }
 
     pub fn render(&self, connected: bool) -> String {

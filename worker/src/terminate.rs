@@ -19,15 +19,18 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::server::ProducesTickets;
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use sluice_shared::{Host, Protocol};
+use sluice_shared::{BackendTls, Host, Protocol, Server};
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
+use crate::h2pool::{Acquired, Opened};
 use crate::headers::{forward_request, host_name, strip_hop_by_hop, Forwarding};
 use crate::pool::{PoolKey, Returning};
 use crate::prefixed::Prefixed;
 use crate::runtime::Runtime;
 use crate::upstream::{connect_server, UpstreamError};
+use crate::upstream_h2::Failure;
+use crate::upstream_tls::Upstream;
 use crate::Worker;
 
 /// Time allowed for the TLS handshake.
@@ -42,8 +45,10 @@ pub const MAX_HEADERS: usize = 16 * 1024;
 /// HTTP/2 streams a client may have open at once.
 pub const MAX_STREAMS: u32 = 250;
 
+/// Errors of response bodies (hyper's, h2's).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of every response the worker sends.
-pub type ResBody = BoxBody<Bytes, hyper::Error>;
+pub type ResBody = BoxBody<Bytes, BoxError>;
 
 /// Session tickets are encrypted with keys shared by every configuration of this process, so
 /// resumption survives snapshot switches.
@@ -264,6 +269,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
         Some(host) => {
             let host = host.clone();
             let upgrade = upgrade_of(&req);
+            let te_trailers = wants_trailers(&req);
             forward_request(
                 req.headers_mut(),
                 &Forwarding {
@@ -273,7 +279,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
                     rules: &host.request_headers,
                 },
             );
-            match proxy(&conn, &rt, &host, req, upgrade).await {
+            match proxy(&conn, &rt, &host, req, upgrade, te_trailers).await {
                 Ok((resp, server)) => (resp, Some(server)),
                 Err(e) => (e.response(), e.server()),
             }
@@ -332,7 +338,6 @@ impl ProxyError {
     }
 }
 
-/// Send the request to a server of the host's backend over a pooled HTTP/1.1 connection.
 /// Open an HTTP/1.1 client connection over `io`; the connection runs in its own task.
 async fn h1_handshake<IO>(
     io: IO,
@@ -349,32 +354,75 @@ where
     Ok(sender)
 }
 
-/// A new upstream connection to `server`: TCP, then TLS for `https` backends, then HTTP/1.1.
-async fn open(
-    server: &sluice_shared::Server,
-    tls: Option<(&Arc<rustls::ClientConfig>, &sluice_shared::BackendTls)>,
-) -> Result<hyper::client::conn::http1::SendRequest<Watched>, UpstreamError> {
-    let address = server.address.to_string();
+/// TLS to `server` with `config`, with the connect timeout.
+async fn tls_connect(
+    server: &Server,
+    config: &Arc<rustls::ClientConfig>,
+    settings: &BackendTls,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamError> {
     let failed = |reason: String| UpstreamError::Connect {
-        server: address.clone(),
+        server: server.address.to_string(),
         reason,
     };
     let stream = connect_server(server).await?;
+    let name = crate::upstream_tls::server_name(settings, server).map_err(failed)?;
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
+    tokio::time::timeout(
+        crate::upstream::CONNECT_TIMEOUT,
+        connector.connect(name, stream),
+    )
+    .await
+    .map_err(|_| failed("TLS handshake timed out".into()))?
+    .map_err(|e| failed(format!("TLS handshake: {e}")))
+}
+
+/// A new HTTP/1.1 upstream connection to `server`: TCP, then TLS for `https` backends.
+async fn open(
+    server: &Server,
+    tls: Option<(&Arc<rustls::ClientConfig>, &BackendTls)>,
+) -> Result<hyper::client::conn::http1::SendRequest<Watched>, UpstreamError> {
+    let failed = |reason: String| UpstreamError::Connect {
+        server: server.address.to_string(),
+        reason,
+    };
     match tls {
-        None => h1_handshake(stream)
+        None => h1_handshake(connect_server(server).await?)
             .await
             .map_err(|e| failed(e.to_string())),
-        Some((config, settings)) => {
-            let name = crate::upstream_tls::server_name(settings, server).map_err(failed)?;
-            let connector = tokio_rustls::TlsConnector::from(config.clone());
-            let tls = tokio::time::timeout(
-                crate::upstream::CONNECT_TIMEOUT,
-                connector.connect(name, stream),
-            )
+        Some((config, settings)) => h1_handshake(tls_connect(server, config, settings).await?)
             .await
-            .map_err(|_| failed("TLS handshake timed out".into()))?
-            .map_err(|e| failed(format!("TLS handshake: {e}")))?;
-            h1_handshake(tls).await.map_err(|e| failed(e.to_string()))
+            .map_err(|e| failed(e.to_string())),
+    }
+}
+
+/// A new multiplexed upstream connection to `server`: HTTP/2 with prior knowledge for `h2c`,
+/// or TLS offering `h2, http/1.1` for `https` (HTTP/1.1 when the server picks it).
+async fn open_h2(
+    server: &Server,
+    tls: Option<(&Upstream, &BackendTls)>,
+) -> Result<Opened, UpstreamError> {
+    let failed = |reason: String| UpstreamError::Connect {
+        server: server.address.to_string(),
+        reason,
+    };
+    match tls {
+        None => crate::h2pool::handshake(connect_server(server).await?)
+            .await
+            .map(Opened::H2)
+            .map_err(|e| failed(format!("HTTP/2 handshake: {e}"))),
+        Some((upstream, settings)) => {
+            let tls = tls_connect(server, &upstream.config_h2, settings).await?;
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                crate::h2pool::handshake(tls)
+                    .await
+                    .map(Opened::H2)
+                    .map_err(|e| failed(format!("HTTP/2 handshake: {e}")))
+            } else {
+                h1_handshake(tls)
+                    .await
+                    .map(Opened::H1)
+                    .map_err(|e| failed(e.to_string()))
+            }
         }
     }
 }
@@ -395,14 +443,32 @@ fn upgrade_of(req: &Request<Incoming>) -> Option<HeaderValue> {
     }
 }
 
-/// Send the request to a server of the host's backend over a pooled HTTP/1.1 connection
+/// Whether the client asked for trailers (`TE: trailers`), which HTTP/2 upstreams may need.
+fn wants_trailers(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(http::header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// An upstream connection ready for one request.
+enum Chosen {
+    H1(hyper::client::conn::http1::SendRequest<Watched>),
+    H2(crate::h2pool::Lease),
+}
+
+/// Send the request to a server of the host's backend: over a multiplexed HTTP/2 connection
+/// for `h2c` and h2-capable `https` servers, else over a pooled HTTP/1.1 connection
 /// (`upgrade`: the client's protocol upgrade, passed on and spliced after a 101).
 async fn proxy(
     conn: &Conn,
     rt: &Runtime,
     host: &Host,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     upgrade: Option<HeaderValue>,
+    te_trailers: bool,
 ) -> Result<(Response<ResBody>, String), ProxyError> {
     let backend = rt
         .config
@@ -411,22 +477,27 @@ async fn proxy(
             host.backend_id,
         )))?;
     let tls = match backend.protocol {
-        Protocol::Http => None,
+        Protocol::Http | Protocol::H2c => None,
         Protocol::Https => {
-            let config = rt
+            let upstream = rt
                 .upstream_tls
                 .get(&backend.id)
                 .ok_or(ProxyError::Unsupported("https"))?;
-            Some((config, backend.tls.as_ref().unwrap_or(&DEFAULT_TLS)))
+            Some((upstream, backend.tls.as_ref().unwrap_or(&DEFAULT_TLS)))
         }
         other => return Err(ProxyError::Unsupported(other.as_str())),
     };
+    if upgrade.is_some() && backend.protocol == Protocol::H2c {
+        return Err(ProxyError::Unsupported("protocol upgrades to h2c backends"));
+    }
+    let multiplexed = backend.protocol == Protocol::H2c
+        || (backend.protocol == Protocol::Https && upgrade.is_none());
     let balancer = rt
         .balancer(backend.id)
         .ok_or(ProxyError::Upstream(UpstreamError::NoBackend(backend.id)))?;
-    let pool = &conn.worker.pool;
-    // The balancer's choice: an idle pooled connection to it, else a new one; a failed connect
-    // is retried once on another server (nothing has been sent yet).
+    let (pool, h2pool) = (&conn.worker.pool, &conn.worker.h2pool);
+    // The balancer's choice: a pooled connection to it, else a new one; a failed connect is
+    // retried once on another server (nothing has been sent yet).
     let mut tried: Vec<usize> = Vec::with_capacity(2);
     let mut chosen = None;
     let mut last_error = UpstreamError::NoServer;
@@ -447,15 +518,25 @@ async fn proxy(
                 (sni, t.verify, u.ca_sha256.clone())
             }),
         };
-        if upgrade.is_none() {
-            if let Some(sender) = pool.checkout(&key) {
-                chosen = Some((sender, key, pick));
-                break;
+        let attempt = if multiplexed && !h2pool.is_h1_only(&key) {
+            h2pool
+                .acquire(&key, || open_h2(server, tls))
+                .await
+                .map(|a| match a {
+                    Acquired::H2(lease) => Chosen::H2(lease),
+                    Acquired::H1(sender) => Chosen::H1(sender),
+                })
+        } else {
+            match pool.checkout(&key).filter(|_| upgrade.is_none()) {
+                Some(sender) => Ok(Chosen::H1(sender)),
+                None => open(server, tls.map(|(u, t)| (&u.config, t)))
+                    .await
+                    .map(Chosen::H1),
             }
-        }
-        match open(server, tls.map(|(u, t)| (&u.config, t))).await {
-            Ok(sender) => {
-                chosen = Some((sender, key, pick));
+        };
+        match attempt {
+            Ok(c) => {
+                chosen = Some((c, key, server, pick));
                 break;
             }
             Err(e) => {
@@ -473,7 +554,40 @@ async fn proxy(
             }
         }
     }
-    let (mut sender, key, _pick) = chosen.ok_or(ProxyError::Upstream(last_error))?;
+    let (chosen, key, server, _pick) = chosen.ok_or(ProxyError::Upstream(last_error))?;
+    match chosen {
+        Chosen::H1(sender) => exchange_h1(conn, req, upgrade, sender, key).await,
+        Chosen::H2(lease) => {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let reopen = || async {
+                match h2pool.acquire(&key, || open_h2(server, tls)).await {
+                    Ok(Acquired::H2(lease)) => Ok(lease),
+                    Ok(Acquired::H1(_)) => Err("the server stopped speaking HTTP/2".to_owned()),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            exchange_h2(
+                conn,
+                req,
+                lease,
+                reopen,
+                scheme,
+                te_trailers,
+                key.address.clone(),
+            )
+            .await
+        }
+    }
+}
+
+/// One request over HTTP/1.1; the connection goes back to the pool when the response ends.
+async fn exchange_h1(
+    conn: &Conn,
+    mut req: Request<Incoming>,
+    upgrade: Option<HeaderValue>,
+    mut sender: hyper::client::conn::http1::SendRequest<Watched>,
+    key: PoolKey,
+) -> Result<(Response<ResBody>, String), ProxyError> {
     let server = key.address.clone();
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -531,16 +645,93 @@ async fn proxy(
                 }
             });
             let (parts, _) = resp.into_parts();
-            let empty = Full::new(Bytes::new())
-                .map_err(|never| match never {})
-                .boxed();
-            return Ok((Response::from_parts(parts, empty), server));
+            return Ok((Response::from_parts(parts, empty_body()), server));
         }
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let body = Returning::new(body, pool.clone(), key, sender).boxed();
+    let body = Returning::new(body, conn.worker.pool.clone(), key, sender)
+        .map_err(BoxError::from)
+        .boxed();
     Ok((Response::from_parts(parts, body), server))
+}
+
+/// One request over a multiplexed HTTP/2 stream; a stream the server refused (it never
+/// reached the application) is sent once more, on a fresh connection if need be, when the
+/// request has no body to replay.
+async fn exchange_h2<R, F>(
+    conn: &Conn,
+    req: Request<Incoming>,
+    lease: crate::h2pool::Lease,
+    reopen: R,
+    scheme: &'static str,
+    te_trailers: bool,
+    server: String,
+) -> Result<(Response<ResBody>, String), ProxyError>
+where
+    R: Fn() -> F,
+    F: std::future::Future<Output = Result<crate::h2pool::Lease, String>>,
+{
+    let (mut parts, body) = req.into_parts();
+    let authority = parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| server.clone());
+    let head = crate::upstream_h2::Head::new(&mut parts, scheme, &authority, te_trailers).map_err(
+        |reason| ProxyError::Exchange {
+            server: server.clone(),
+            reason,
+        },
+    )?;
+    let replayable = hyper::body::Body::is_end_stream(&body);
+    let mut body = Some(body);
+    let mut lease = Some(lease);
+    for attempt in 0..2 {
+        let this = match lease.take() {
+            Some(l) => l,
+            None => reopen().await.map_err(|reason| ProxyError::Exchange {
+                server: server.clone(),
+                reason,
+            })?,
+        };
+        let mut sent_at = Instant::now();
+        let result = crate::upstream_h2::send(
+            this,
+            &head,
+            body.take(),
+            conn.worker.response_timeout,
+            &mut sent_at,
+        )
+        .await;
+        match result {
+            Ok(mut resp) => {
+                conn.worker
+                    .metrics
+                    .upstream_latency(sent_at.elapsed().as_secs_f64());
+                strip_hop_by_hop(resp.headers_mut());
+                return Ok((resp, server));
+            }
+            Err(Failure::Refused(reason)) if replayable && attempt == 0 => {
+                tracing::debug!(%server, %reason, "upstream refused the stream; sending it again");
+            }
+            Err(Failure::Timeout) => return Err(ProxyError::Timeout { server }),
+            Err(Failure::Refused(reason) | Failure::Failed(reason)) => {
+                return Err(ProxyError::Exchange { server, reason })
+            }
+        }
+    }
+    Err(ProxyError::Exchange {
+        server,
+        reason: "refused twice".into(),
+    })
+}
+
+fn empty_body() -> ResBody {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// TLS settings of an `https` backend that has none: verify against the system roots.

@@ -84,14 +84,21 @@ fn roots(tls: &BackendTls) -> Result<RootCertStore, String> {
 /// which goes into the pool key (computed once per snapshot, not per request).
 #[derive(Debug, Clone)]
 pub struct Upstream {
+    /// ALPN `http/1.1` only (health checks and protocol upgrades).
     pub config: Arc<ClientConfig>,
+    /// ALPN `h2, http/1.1`: requests use HTTP/2 when the server picks it.
+    pub config_h2: Arc<ClientConfig>,
     pub ca_sha256: String,
 }
 
 impl Upstream {
     pub fn new(tls: &BackendTls) -> Result<Upstream, String> {
+        let config = client_config(tls)?;
+        let mut h2 = (*config).clone();
+        h2.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Upstream {
-            config: client_config(tls)?,
+            config,
+            config_h2: Arc::new(h2),
             ca_sha256: tls
                 .ca_pem
                 .as_deref()

@@ -1,0 +1,435 @@
+//! Upstream HTTP/2: per server, a small set of multiplexed connections shared by every client
+//! connection and every thread of the worker.
+//!
+//! A request leases a stream slot on the first live connection with room under the peer's
+//! `SETTINGS_MAX_CONCURRENT_STREAMS`; only when every connection is full does a new one open
+//! (one at a time per server, so a burst of clients shares the first connection instead of
+//! racing to open their own). A new connection is published only after a PING round trip, by
+//! which time the peer's SETTINGS have been read and its stream limit is known. Each connection
+//! has a task that drives it, PINGs it to keep it alive and detect a dead peer, and retires it
+//! when an extra connection has been idle for a while. The pool belongs to the worker, so
+//! connections survive configuration switches.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{Ping, PingPong};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use sluice_shared::channel::UpstreamStats;
+
+use crate::pool::PoolKey;
+use crate::upstream::UpstreamError;
+
+/// How often a connection is PINGed.
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
+/// How long a PING may go unanswered before the connection counts as dead.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle time after which an extra connection (not the server's only one) closes.
+pub const EXTRA_IDLE: Duration = Duration::from_secs(30);
+/// Idle time after which even the only connection to a server closes.
+pub const LAST_IDLE: Duration = Duration::from_secs(300);
+/// Per-stream receive window (hyper's client default; measured in `bench/`).
+pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// Per-connection receive window, shared by all of its streams.
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Streams assumed allowed before the peer's SETTINGS arrive.
+const INITIAL_STREAMS: usize = 100;
+
+/// A driven HTTP/2 client connection, fresh from its handshake.
+pub struct Handshaken {
+    pub send: SendRequest<Bytes>,
+    pub ping: PingPong,
+    /// Drives the connection; ends when it closes.
+    pub driver: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+/// What an opener made: an HTTP/2 connection, or (for `https` backends whose ALPN chose
+/// HTTP/1.1) an HTTP/1.1 one.
+pub enum Opened {
+    H2(Handshaken),
+    H1(hyper::client::conn::http1::SendRequest<crate::pool::UpBody>),
+}
+
+/// Handshake HTTP/2 over `io` with Sluice's window sizes.
+pub async fn handshake<T>(io: T) -> Result<Handshaken, h2::Error>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, mut connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_max_send_streams(INITIAL_STREAMS)
+        .max_concurrent_reset_streams(256)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let ping = connection
+        .ping_pong()
+        .ok_or_else(|| h2::Error::from(h2::Reason::INTERNAL_ERROR))?;
+    let driver = Box::pin(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+        }
+    });
+    Ok(Handshaken { send, ping, driver })
+}
+
+/// One multiplexed connection.
+pub struct H2Conn {
+    send: SendRequest<Bytes>,
+    in_flight: AtomicUsize,
+    /// Set once the connection is dead or going away: no new streams.
+    closed: AtomicBool,
+    idle_since: Mutex<Instant>,
+}
+
+impl H2Conn {
+    /// A handle to open a stream with.
+    pub fn sender(&self) -> SendRequest<Bytes> {
+        self.send.clone()
+    }
+
+    /// No new streams from now on (GOAWAY seen, or a connection error).
+    pub fn retire(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    fn room(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
+            && self.in_flight.load(Ordering::Acquire) < self.send.current_max_send_streams()
+    }
+}
+
+/// Per-server metric handles.
+#[derive(Debug, Clone, Default)]
+pub struct ServerMetrics {
+    pub connections: Gauge,
+    pub streams: Gauge,
+    pub requests: Counter,
+    pub opened: Counter,
+}
+
+/// The connections to one server (one pool key).
+pub struct Server {
+    conns: Mutex<Vec<Arc<H2Conn>>>,
+    /// Held while a connection is being opened.
+    opening: tokio::sync::Mutex<()>,
+    /// The last failed open: waiters that queued before it fail fast with the same error.
+    failed: Mutex<Option<(Instant, String)>>,
+    /// An `https` server whose ALPN chose HTTP/1.1: use the HTTP/1.1 pool for it.
+    h1_only: AtomicBool,
+    metrics: ServerMetrics,
+}
+
+impl Server {
+    fn try_lease(self: &Arc<Self>) -> Option<Lease> {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let conn = conns.iter().find(|c| c.room())?.clone();
+        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        drop(conns);
+        self.metrics.streams.inc();
+        self.metrics.requests.inc();
+        Some(Lease {
+            conn,
+            server: self.clone(),
+        })
+    }
+
+    fn remove(&self, conn: &Arc<H2Conn>) {
+        conn.retire();
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let before = conns.len();
+        conns.retain(|c| !Arc::ptr_eq(c, conn));
+        if conns.len() < before {
+            self.metrics.connections.dec();
+        }
+    }
+
+    /// Whether this idle connection should close now (checked and removed under one lock, so
+    /// no lease can slip in between).
+    fn retire_if_idle(&self, conn: &Arc<H2Conn>) -> bool {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if conn.in_flight.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let idle = conn
+            .idle_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed();
+        let others = conns.iter().any(|c| !Arc::ptr_eq(c, conn) && c.room());
+        if idle < EXTRA_IDLE || (!others && idle < LAST_IDLE) {
+            return false;
+        }
+        conn.retire();
+        conns.retain(|c| !Arc::ptr_eq(c, conn));
+        self.metrics.connections.dec();
+        true
+    }
+
+    pub fn stats(&self) -> UpstreamStats {
+        let requests = self.metrics.requests.get();
+        let opened = self.metrics.opened.get();
+        UpstreamStats {
+            protocol: "h2".into(),
+            connections: self.metrics.connections.get().max(0) as u64,
+            streams_in_flight: self.metrics.streams.get().max(0) as u64,
+            requests,
+            connections_opened: opened,
+            reuse_ratio: if opened == 0 {
+                None
+            } else {
+                Some(requests as f64 / opened as f64)
+            },
+        }
+    }
+}
+
+/// A stream slot on a connection; dropping it frees the slot.
+pub struct Lease {
+    conn: Arc<H2Conn>,
+    server: Arc<Server>,
+}
+
+impl Lease {
+    pub fn conn(&self) -> &Arc<H2Conn> {
+        &self.conn
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self
+                .conn
+                .idle_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+        self.server.metrics.streams.dec();
+    }
+}
+
+/// What [`H2Pool::acquire`] hands out.
+pub enum Acquired {
+    H2(Lease),
+    /// The server turned out to speak HTTP/1.1 only (ALPN); here is a fresh connection to it.
+    H1(hyper::client::conn::http1::SendRequest<crate::pool::UpBody>),
+}
+
+/// Makes the metric handles of one server, by address.
+pub type MetricsFactory = Arc<dyn Fn(&str) -> ServerMetrics + Send + Sync>;
+
+/// The pool of upstream HTTP/2 connections.
+#[derive(Default)]
+pub struct H2Pool {
+    servers: Mutex<HashMap<PoolKey, Arc<Server>>>,
+    /// Makes per-server metric handles (set by the worker at start).
+    metrics: Option<MetricsFactory>,
+}
+
+impl std::fmt::Debug for H2Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("H2Pool")
+    }
+}
+
+impl H2Pool {
+    /// A pool whose per-server metrics come from `metrics`.
+    pub fn new(metrics: MetricsFactory) -> H2Pool {
+        H2Pool {
+            servers: Mutex::default(),
+            metrics: Some(metrics),
+        }
+    }
+
+    fn server(&self, key: &PoolKey) -> Arc<Server> {
+        let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = servers.get(key) {
+            return s.clone();
+        }
+        let metrics = self
+            .metrics
+            .as_ref()
+            .map(|m| m(&key.address))
+            .unwrap_or_default();
+        let s = Arc::new(Server {
+            conns: Mutex::default(),
+            opening: tokio::sync::Mutex::new(()),
+            failed: Mutex::default(),
+            h1_only: AtomicBool::new(false),
+            metrics,
+        });
+        servers.insert(key.clone(), s.clone());
+        s
+    }
+
+    /// Whether `key` is an `https` server known to speak HTTP/1.1 only.
+    pub fn is_h1_only(&self, key: &PoolKey) -> bool {
+        let servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        servers
+            .get(key)
+            .is_some_and(|s| s.h1_only.load(Ordering::Relaxed))
+    }
+
+    /// A stream slot to `key`, opening a connection with `open` when every connection is full.
+    pub async fn acquire<F, Fut>(&self, key: &PoolKey, open: F) -> Result<Acquired, UpstreamError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Opened, UpstreamError>>,
+    {
+        let server = self.server(key);
+        if let Some(lease) = server.try_lease() {
+            return Ok(Acquired::H2(lease));
+        }
+        let queued_at = Instant::now();
+        let _opening = server.opening.lock().await;
+        if let Some(lease) = server.try_lease() {
+            return Ok(Acquired::H2(lease));
+        }
+        if let Some((at, reason)) = &*server.failed.lock().unwrap_or_else(|e| e.into_inner()) {
+            if *at >= queued_at {
+                return Err(UpstreamError::Connect {
+                    server: key.address.clone(),
+                    reason: reason.clone(),
+                });
+            }
+        }
+        let opened = match open().await {
+            Ok(o) => o,
+            Err(e) => {
+                *server.failed.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((Instant::now(), e.to_string()));
+                return Err(e);
+            }
+        };
+        let hs = match opened {
+            Opened::H2(hs) => hs,
+            Opened::H1(sender) => {
+                server.h1_only.store(true, Ordering::Relaxed);
+                return Ok(Acquired::H1(sender));
+            }
+        };
+        let conn = publish(&server, hs).await.map_err(|reason| {
+            *server.failed.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((Instant::now(), reason.clone()));
+            UpstreamError::Connect {
+                server: key.address.clone(),
+                reason,
+            }
+        })?;
+        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        drop(_opening);
+        server.metrics.streams.inc();
+        server.metrics.requests.inc();
+        Ok(Acquired::H2(Lease { conn, server }))
+    }
+
+    /// Connection figures per server address (summed over pool keys), for reports.
+    pub fn stats(&self) -> HashMap<String, UpstreamStats> {
+        let servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: HashMap<String, UpstreamStats> = HashMap::new();
+        for (key, server) in servers.iter() {
+            let s = server.stats();
+            if s.connections_opened == 0 {
+                continue;
+            }
+            match out.get_mut(&key.address) {
+                None => {
+                    out.insert(key.address.clone(), s);
+                }
+                Some(sum) => {
+                    sum.connections += s.connections;
+                    sum.streams_in_flight += s.streams_in_flight;
+                    sum.requests += s.requests;
+                    sum.connections_opened += s.connections_opened;
+                    sum.reuse_ratio =
+                        Some(sum.requests as f64 / sum.connections_opened.max(1) as f64);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Start driving a fresh connection, wait one PING round trip (the peer's SETTINGS come
+/// before its PONG), then add it to the server's connections.
+async fn publish(server: &Arc<Server>, hs: Handshaken) -> Result<Arc<H2Conn>, String> {
+    let Handshaken {
+        send,
+        mut ping,
+        mut driver,
+    } = hs;
+    let pong = tokio::select! {
+        _ = &mut driver => return Err("the connection closed during the handshake".into()),
+        r = tokio::time::timeout(crate::upstream::CONNECT_TIMEOUT, ping.ping(Ping::opaque())) => r,
+    };
+    match pong {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(format!("HTTP/2 handshake: {e}")),
+        Err(_) => return Err("HTTP/2 handshake timed out".into()),
+    }
+    let conn = Arc::new(H2Conn {
+        send,
+        in_flight: AtomicUsize::new(0),
+        closed: AtomicBool::new(false),
+        idle_since: Mutex::new(Instant::now()),
+    });
+    server
+        .conns
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(conn.clone());
+    server.metrics.connections.inc();
+    server.metrics.opened.inc();
+    tokio::spawn(keep(
+        Arc::downgrade(server),
+        Arc::downgrade(&conn),
+        ping,
+        driver,
+    ));
+    Ok(conn)
+}
+
+/// Drive one connection until it closes: PING it every [`KEEPALIVE`], close it when it is dead
+/// or has been idle too long.
+async fn keep(
+    server: Weak<Server>,
+    conn: Weak<H2Conn>,
+    mut ping: PingPong,
+    mut driver: Pin<Box<dyn Future<Output = ()> + Send>>,
+) {
+    let mut tick = tokio::time::interval(KEEPALIVE);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = &mut driver => break,
+            _ = tick.tick() => {}
+        }
+        let (Some(s), Some(c)) = (server.upgrade(), conn.upgrade()) else {
+            return;
+        };
+        if s.retire_if_idle(&c) {
+            // Leases are gone and the pool no longer hands it out: drop it.
+            return;
+        }
+        drop((s, c));
+        let alive = tokio::select! {
+            _ = &mut driver => false,
+            r = tokio::time::timeout(PING_TIMEOUT, ping.ping(Ping::opaque())) => matches!(r, Ok(Ok(_))),
+        };
+        if !alive {
+            tracing::debug!("upstream HTTP/2 connection did not answer a PING; closing it");
+            break;
+        }
+    }
+    if let (Some(s), Some(c)) = (server.upgrade(), conn.upgrade()) {
+        s.remove(&c);
+    }
+}

@@ -1,0 +1,297 @@
+//! One request over an upstream HTTP/2 stream: the request head for `:authority`/`:scheme`,
+//! the client's body piped into the stream under HTTP/2 flow control (trailers included), and
+//! the response body handed back frame by frame, releasing flow-control capacity as the client
+//! reads it.
+//!
+//! Cancellation runs both ways: when the client goes away (its stream reset, its connection
+//! closed, or the response dropped) the upstream stream is reset with `CANCEL`, so the backend
+//! stops working for nobody; an upstream reset ends the client's response with an error, which
+//! hyper turns into a client stream reset (HTTP/2) or a closed connection (HTTP/1.1).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::{Reason, RecvStream, SendStream};
+use http::{HeaderValue, Method, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::h2pool::Lease;
+use crate::terminate::{BoxError, ResBody};
+
+/// A request head that can be sent again (for the one retry of a refused stream).
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub method: Method,
+    pub uri: http::Uri,
+    pub headers: http::HeaderMap,
+}
+
+impl Head {
+    /// The upstream head for a request already rewritten by the header rules: `Host` becomes
+    /// `:authority`, and `te: trailers` (which HTTP/2 allows and gRPC needs) is restored when
+    /// the client asked for it.
+    pub fn new(
+        parts: &mut http::request::Parts,
+        scheme: &'static str,
+        authority: &str,
+        te_trailers: bool,
+    ) -> Result<Head, String> {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = http::Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+            .map_err(|e| format!("request authority `{authority}`: {e}"))?;
+        let mut headers = std::mem::take(&mut parts.headers);
+        headers.remove(http::header::HOST);
+        if te_trailers {
+            headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
+        Ok(Head {
+            method: parts.method.clone(),
+            uri,
+            headers,
+        })
+    }
+
+    fn request(&self) -> Request<()> {
+        let mut req = Request::new(());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+
+    /// Whether the method may be replayed when the connection went away (RFC 9110 9.2.2).
+    pub fn idempotent(&self) -> bool {
+        matches!(
+            self.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+        ) || self.method == Method::TRACE
+    }
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// The stream never reached the application (refused, or above a GOAWAY's last id, or the
+    /// connection could not take it): safe to send again.
+    Refused(String),
+    /// Anything else.
+    Failed(String),
+    /// No response headers within the response timeout.
+    Timeout,
+}
+
+fn classify(e: h2::Error, idempotent: bool) -> Failure {
+    let refused = e.reason() == Some(Reason::REFUSED_STREAM)
+        || (idempotent && e.is_go_away() && e.is_remote() && e.reason() == Some(Reason::NO_ERROR));
+    if refused {
+        Failure::Refused(e.to_string())
+    } else {
+        Failure::Failed(e.to_string())
+    }
+}
+
+/// Send one request on the leased connection and wait for the response head. `body` is
+/// `None` for a request without one.
+pub async fn send(
+    lease: Lease,
+    head: &Head,
+    body: Option<Incoming>,
+    response_timeout: Duration,
+    sent_at: &mut Instant,
+) -> Result<Response<ResBody>, Failure> {
+    let sender = lease.conn().sender();
+    let mut sender = sender.ready().await.map_err(|e| {
+        lease.conn().retire();
+        Failure::Refused(e.to_string())
+    })?;
+    let body = body.filter(|b| !b.is_end_stream());
+    let (response, stream) = sender
+        .send_request(head.request(), body.is_none())
+        .map_err(|e| {
+            lease.conn().retire();
+            Failure::Refused(e.to_string())
+        })?;
+    let cancel = CancellationToken::new();
+    let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+    match body {
+        Some(body) => {
+            tokio::spawn(pipe(body, stream, cancel.clone(), sent_tx));
+        }
+        None => {
+            let _ = sent_tx.send(());
+        }
+    }
+    let guard = cancel.drop_guard();
+    tokio::pin!(response);
+    // The response timeout runs from the moment the request body has been sent.
+    let early = tokio::select! {
+        r = &mut response => Some(r),
+        _ = sent_rx => None,
+    };
+    *sent_at = Instant::now();
+    let answered = match early {
+        Some(r) => r,
+        None => tokio::time::timeout(response_timeout, &mut response)
+            .await
+            .map_err(|_| Failure::Timeout)?,
+    };
+    let resp = answered.map_err(|e| {
+        if e.is_go_away() || e.is_io() {
+            lease.conn().retire();
+        }
+        classify(e, head.idempotent())
+    })?;
+    let (parts, recv) = resp.into_parts();
+    let body = H2Body {
+        recv,
+        state: State::Data,
+        hold: Some((lease, guard)),
+    };
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// Copy the client's body into the upstream stream; on cancellation or a client error, reset
+/// the upstream stream.
+async fn pipe(
+    mut body: Incoming,
+    mut stream: SendStream<Bytes>,
+    cancel: CancellationToken,
+    sent: tokio::sync::oneshot::Sender<()>,
+) {
+    let result = tokio::select! {
+        _ = cancel.cancelled() => Err(Reason::CANCEL),
+        r = pump(&mut body, &mut stream) => r,
+    };
+    match result {
+        Ok(()) => {
+            let _ = sent.send(());
+        }
+        Err(reason) => stream.send_reset(reason),
+    }
+}
+
+async fn pump(body: &mut Incoming, stream: &mut SendStream<Bytes>) -> Result<(), Reason> {
+    loop {
+        let frame = match body.frame().await {
+            None => {
+                return stream
+                    .send_data(Bytes::new(), true)
+                    .map_err(|_| Reason::CANCEL)
+            }
+            Some(Err(_)) => return Err(Reason::CANCEL),
+            Some(Ok(frame)) => frame,
+        };
+        let frame = match frame.into_data() {
+            Ok(mut data) => {
+                let last = body.is_end_stream();
+                while !data.is_empty() {
+                    stream.reserve_capacity(data.len());
+                    let granted = match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                        Some(Ok(n)) => n,
+                        _ => return Err(Reason::CANCEL),
+                    };
+                    if granted == 0 {
+                        continue;
+                    }
+                    let chunk = data.split_to(granted.min(data.len()));
+                    stream
+                        .send_data(chunk, last && data.is_empty())
+                        .map_err(|_| Reason::CANCEL)?;
+                }
+                if last {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(frame) => frame,
+        };
+        if let Ok(trailers) = frame.into_trailers() {
+            return stream.send_trailers(trailers).map_err(|_| Reason::CANCEL);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Data,
+    Trailers,
+    Done,
+}
+
+/// The upstream response body: data frames (capacity released as they are read), then
+/// trailers. Holds the stream slot and the request pipe's cancel guard until it ends or is
+/// dropped.
+struct H2Body {
+    recv: RecvStream,
+    state: State,
+    hold: Option<(Lease, DropGuard)>,
+}
+
+impl H2Body {
+    fn done(&mut self) {
+        self.state = State::Done;
+        self.hold = None;
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.state == State::Data {
+            match this.recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(data))) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.done();
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Poll::Ready(None) => this.state = State::Trailers,
+            }
+        }
+        if this.state == State::Trailers {
+            let polled = this.recv.poll_trailers(cx);
+            return match polled {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(Some(trailers))) => {
+                    this.done();
+                    Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                }
+                Poll::Ready(Ok(None)) => {
+                    this.done();
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Err(e)) => {
+                    this.done();
+                    Poll::Ready(Some(Err(e.into())))
+                }
+            };
+        }
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // h2 says end of stream only when nothing, trailers included, is left to read.
+        self.state == State::Done || self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
