@@ -6,6 +6,8 @@ import sys
 tool, proxy = sys.argv[1], sys.argv[2]
 text = sys.stdin.read()
 out = {"proxy": proxy, "tool": tool, "ok": True, "errors": []}
+if len(sys.argv) > 3:  # the proxy's backend connections, counted with `ss` during the run
+    out["backend_conns"] = int(sys.argv[3])
 
 
 def ms(value, unit):

@@ -54,6 +54,7 @@ rows = []
 table = {}
 for workload, metrics in (("h1", [("rps", "{:.0f}"), ("p50_ms", "{:.2f}"), ("p99_ms", "{:.2f}")]),
                           ("h2", [("rps", "{:.0f}"), ("mean_ms", "{:.2f}")]),
+                          ("h2up", [("rps", "{:.0f}"), ("mean_ms", "{:.2f}"), ("backend_conns", "{:.0f}")]),
                           ("passthrough", [("mb_s", "{:.0f}")])):
     for proxy in ("sluice", "nginx", "haproxy", "direct"):
         sums = {k: summary(proxy, workload, k) for k, _ in metrics}
@@ -77,6 +78,8 @@ ratios = {
     "h1_rps_vs_best": ratio("h1", "rps"),
     "h1_p99_vs_best": ratio("h1", "p99_ms", higher_better=False),
     "h2_rps_vs_best": ratio("h2", "rps"),
+    "h2_backend_rps_vs_best": ratio("h2up", "rps"),
+    "h2_backend_connections_vs_fewest": ratio("h2up", "backend_conns", higher_better=False),
     "passthrough_mb_s_vs_best": ratio("passthrough", "mb_s"),
 }
 
@@ -90,6 +93,11 @@ md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "h1"]
 md += ["", "## Workload 2: HTTP/2 through TLS termination (h2load -c 64 -m 10)", "",
        "| proxy | requests/s | mean ms |", "|---|---|---|"]
 md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "h2"]
+md += ["", "## Workload 4: many HTTP/2 clients to one backend (h2load -c 64 -m 10; Sluice `h2c` and HAProxy "
+       "`proto h2` + `http-reuse always` to an h2c backend, NGINX 1.22 HTTP/1.1 keep-alive: it has no HTTP/2 "
+       "upstream); backend connections counted with `ss` halfway through each run", "",
+       "| proxy | requests/s | mean ms | backend connections |", "|---|---|---|---|"]
+md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "h2up"]
 md += ["", "## Workload 5: TLS passthrough by SNI, bulk download (wrk -c8, 64 MiB file from a TLS backend)", "",
        "| proxy | MB/s |", "|---|---|"]
 md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "passthrough"]
