@@ -22,6 +22,32 @@ pub enum Command {
     Openapi,
     /// Run as a worker (how managed workers are started; same as `sluice-worker`).
     Worker(Box<sluice_worker::cli::WorkerArgs>),
+    /// Run the demo echo backend (HTTP/1.1, h2c or TLS), as the compose stack does.
+    Echo(EchoArgs),
+    /// Write the demo certificates (CA, `*.beerme` edge, odoo backend) to a directory, keeping
+    /// existing ones.
+    DemoCerts {
+        /// Directory for ca.pem, edge.pem/.key and odoo.pem/.key.
+        #[arg(long, env = "SLUICE_DEMO_CERTS", default_value = "./sluice-data/demo")]
+        out: PathBuf,
+    },
+}
+
+/// Flags of the echo backend.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EchoArgs {
+    /// Address to listen on.
+    #[arg(long, env = "ECHO_LISTEN", default_value = "127.0.0.1:3000")]
+    pub listen: SocketAddr,
+    /// Name the backend reports in every answer.
+    #[arg(long, env = "ECHO_NAME", default_value = "echo")]
+    pub name: String,
+    /// `http` (HTTP/1.1), `h2c` (HTTP/2 with prior knowledge) or `tls` (ALPN h2, http/1.1).
+    #[arg(long, env = "ECHO_PROTOCOL", default_value = "http")]
+    pub protocol: sluice_demo::echo::Protocol,
+    /// For `tls`: a directory from `demo-certs`; the backend serves odoo.pem/odoo.key.
+    #[arg(long, env = "ECHO_CERT_DIR")]
+    pub cert_dir: Option<PathBuf>,
 }
 
 /// Flags of the API server.
@@ -51,6 +77,10 @@ pub struct ServeArgs {
     /// Largest body `PUT /v1/config` accepts, in bytes.
     #[arg(long, env = "SLUICE_CONFIG_BODY_LIMIT", default_value_t = 64 * 1024 * 1024)]
     pub config_body_limit: usize,
+    /// Start demo backends and load the seed scenario (redmine, odoo, grpc `.beerme` hosts),
+    /// then print curl commands for each pattern. Replaces the stored configuration.
+    #[arg(long, env = "SLUICE_DEMO")]
+    pub demo: bool,
     /// Heartbeat interval of the worker channel, in milliseconds.
     #[arg(long, env = "SLUICE_HEARTBEAT_MS", default_value_t = 5000, hide = true)]
     pub heartbeat_ms: u64,

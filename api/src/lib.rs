@@ -9,6 +9,7 @@ pub mod cli;
 pub mod commit;
 pub mod convert;
 pub mod db;
+pub mod demo;
 pub mod document;
 pub mod error;
 pub mod extract;
@@ -253,6 +254,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting managed workers")?;
         let _ = state.supervisor.set(supervisor);
     }
+    // Kept alive while the API serves.
+    let _demo = if args.demo {
+        Some(crate::demo::start(&state, &args, addr).await?)
+    } else {
+        crate::demo::first_run_hint(&state, &args, addr).await;
+        None
+    };
     let supervisor = state.supervisor.clone();
     let app = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let served = axum::serve(listener, app)
@@ -278,22 +286,68 @@ pub fn main() -> std::process::ExitCode {
             sluice_worker::init_logging();
             sluice_worker::start(*args)
         }
-        None => {
+        Some(Command::Echo(args)) => {
             sluice_worker::init_logging();
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("sluice-api: cannot start the runtime: {e}");
-                    return std::process::ExitCode::from(1);
+            run_blocking(crate::echo(args))
+        }
+        Some(Command::DemoCerts { out }) => {
+            match sluice_demo::certs::DemoCerts::load_or_create(&out) {
+                Ok(_) => {
+                    println!("demo certificates in {}", out.display());
+                    std::process::ExitCode::SUCCESS
                 }
-            };
-            match rt.block_on(crate::run(cli.serve)) {
-                Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e:#}");
+                    eprintln!("sluice-api demo-certs: {e:#}");
                     std::process::ExitCode::from(1)
                 }
             }
         }
+        None => {
+            sluice_worker::init_logging();
+            run_blocking(crate::run(cli.serve))
+        }
+    }
+}
+
+/// Run `future` on a new multi-threaded runtime; log its error and exit 1 if it fails.
+fn run_blocking(
+    future: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sluice-api: cannot start the runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match rt.block_on(future) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+/// The `echo` subcommand: the demo backend on its own, until SIGTERM or Ctrl-C.
+async fn echo(args: crate::cli::EchoArgs) -> anyhow::Result<()> {
+    let tls = match (&args.cert_dir, args.protocol) {
+        (Some(dir), sluice_demo::echo::Protocol::Tls) => {
+            let certs = sluice_demo::certs::DemoCerts::load_or_create(dir)
+                .with_context(|| format!("demo certificates in {}", dir.display()))?;
+            Some((certs.odoo_chain, certs.odoo_key))
+        }
+        (None, sluice_demo::echo::Protocol::Tls) => {
+            anyhow::bail!("--protocol tls needs --cert-dir (a directory from `demo-certs`)")
+        }
+        _ => None,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, name = %args.name, protocol = ?args.protocol, "echo backend listening");
+    tokio::select! {
+        r = sluice_demo::echo::serve(listener, args.name, args.protocol, tls) => r,
+        _ = shutdown_signal() => Ok(()),
     }
 }

@@ -51,8 +51,9 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Start `sluice-api` with `args` and wait for the log line holding `key=<addr>`.
-    fn spawn(
+    /// Start `sluice-api` with `args` and wait for the log line holding `key=<addr>`. Standard
+    /// output lines are kept in the log too.
+    pub fn spawn(
         what: &str,
         args: &[String],
         envs: &[(&str, &str)],
@@ -63,14 +64,21 @@ impl Proc {
         cmd.args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in envs {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("starting sluice-api");
         let stderr = child.stderr.take().expect("stderr");
+        let stdout = child.stdout.take().expect("stdout");
         let log = Arc::new(Mutex::new(Vec::new()));
+        let out_sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                out_sink.lock().unwrap().push(line);
+            }
+        });
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = log.clone();
         let (key, marker) = (format!("{key}="), marker.to_owned());
