@@ -12,6 +12,7 @@ pub mod db;
 pub mod demo;
 pub mod document;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod metrics;
 pub mod openapi;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub supervisor: Arc<OnceLock<Supervisor>>,
     /// Body limit of `PUT /v1/config`, in bytes.
     pub config_body_limit: usize,
+    /// Turns true when the API is shutting down (long-lived streams end then).
+    pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl AppState {
@@ -62,6 +65,7 @@ impl AppState {
             workers: Arc::new(Hub::new(Duration::from_secs(5))),
             supervisor: Arc::new(OnceLock::new()),
             config_body_limit: 64 * 1024 * 1024,
+            stopping: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
 
@@ -128,6 +132,7 @@ pub fn app(state: AppState) -> Router {
         .route("/config/versions/{version}/rollout", get(config::rollout))
         .route("/backends/{id}/health", get(routes::health::backend))
         .route("/health", get(routes::health::all))
+        .route("/events", get(routes::events::stream))
         .route("/workers", get(routes::workers::list))
         .route(
             "/workers/{id}",
@@ -262,9 +267,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None
     };
     let supervisor = state.supervisor.clone();
+    let stopping = state.stopping.clone();
     let app = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            stopping.send_replace(true);
+        })
         .await;
     if let Some(s) = supervisor.get() {
         s.shutdown().await;

@@ -7,7 +7,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{FieldError, Problem};
-use crate::routes::{backends, certificates, config, health, hosts, ops, workers};
+use crate::routes::{backends, certificates, config, events, health, hosts, ops, workers};
 
 struct BearerScheme;
 
@@ -41,6 +41,7 @@ impl Modify for BearerScheme {
         config::current, config::history, config::version, config::restore, config::rollout, config::export, config::apply,
         workers::list, workers::get, workers::delete, workers::restart,
         health::backend, health::all,
+        events::stream,
         ops::healthz, ops::readyz, ops::metrics,
     ),
     components(schemas(Problem, FieldError)),
@@ -51,6 +52,7 @@ impl Modify for BearerScheme {
         (name = "hosts", description = "Hostnames and how they are served"),
         (name = "config", description = "Versions, history, restore and rollout"),
         (name = "workers", description = "Managed and remote workers"),
+        (name = "events", description = "Live changes as Server-Sent Events"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
 )]

@@ -99,7 +99,15 @@ pub fn inspect_chain(pem: &str) -> Result<CertFacts, CertError> {
             });
         }
     }
-    let leaf = &parsed[0];
+    Ok(facts_of(&parsed[0], &chain[0], chain.len()))
+}
+
+/// The facts of one DER certificate, as a peer presented it (a health check's handshake).
+pub fn inspect_der(der: &[u8]) -> Result<CertFacts, CertError> {
+    Ok(facts_of(&parse_der(0, der)?, der, 1))
+}
+
+fn facts_of(leaf: &X509Certificate<'_>, der: &[u8], chain_len: usize) -> CertFacts {
     let mut sans = Vec::new();
     if let Ok(Some(ext)) = leaf.subject_alternative_name() {
         for name in &ext.value.general_names {
@@ -109,15 +117,15 @@ pub fn inspect_chain(pem: &str) -> Result<CertFacts, CertError> {
         }
     }
     let validity = leaf.validity();
-    Ok(CertFacts {
+    CertFacts {
         subject: leaf.subject().to_string(),
         sans,
         issuer: leaf.issuer().to_string(),
         not_before: validity.not_before.to_datetime(),
         not_after: validity.not_after.to_datetime(),
-        fingerprint_sha256: sha256_hex(&chain[0]),
-        chain_len: chain.len(),
-    })
+        fingerprint_sha256: sha256_hex(der),
+        chain_len,
+    }
 }
 
 /// Parse a PEM private key.

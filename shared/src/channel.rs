@@ -77,6 +77,28 @@ pub struct ServerReport {
     /// Multiplexed upstream connections to this server (HTTP/2 backends only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<UpstreamStats>,
+    /// The certificate the server presented to the last `tls` check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CheckedCertificate>,
+    /// Something wrong that does not make the server down (a certificate that does not cover
+    /// the host name, or has expired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// What a `tls` health check saw of the server's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckedCertificate {
+    pub subject: String,
+    pub issuer: String,
+    pub sans: Vec<String>,
+    /// RFC 3339.
+    pub not_after: String,
+    /// The name the check sent as SNI.
+    pub checked_name: String,
+    /// Whether the certificate covers `checked_name`.
+    pub covers_name: bool,
 }
 
 /// A worker's connections to one server, for backends it talks HTTP/2 to.

@@ -116,17 +116,25 @@ pub struct EchoBackend {
     /// Status every answer carries (200 unless a test makes the backend sick).
     pub status: Arc<std::sync::atomic::AtomicU16>,
     task: JoinHandle<()>,
+    /// Closes every open connection when set (a crash, as peers see it).
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Drop for EchoBackend {
     fn drop(&mut self) {
+        self.stop.send_replace(true);
         self.task.abort();
     }
 }
 
 impl EchoBackend {
     pub async fn start(name: &str) -> EchoBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        EchoBackend::start_on(name, "127.0.0.1:0".parse().expect("address")).await
+    }
+
+    /// Start on `addr` (to bring a killed backend back on its address).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> EchoBackend {
+        let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
@@ -139,11 +147,13 @@ impl EchoBackend {
             uploaded.clone(),
             status.clone(),
         );
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                let mut stopped = stopped.clone();
                 // A connection counts once it carries a request (bare TCP health checks do not).
                 let counted = Arc::new(AtomicBool::new(false));
                 let (n, s, u, st, c) = (n.clone(), s.clone(), u.clone(), st.clone(), c.clone());
@@ -211,9 +221,12 @@ impl EchoBackend {
                             )
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let served = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = served => {}
+                        _ = stopped.wait_for(|s| *s) => {}
+                    }
                 });
             }
         });
@@ -225,6 +238,7 @@ impl EchoBackend {
             uploaded,
             status,
             task,
+            stop,
         }
     }
 

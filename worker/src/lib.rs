@@ -78,12 +78,16 @@ impl Worker {
     /// Switch to a new runtime: store it, start checking its backends, mark the worker ready.
     pub fn switch(&self, rt: Arc<runtime::Runtime>) {
         let hosts = rt.config.hosts.clone();
-        self.health.watch(&rt.config.backends, |backend| {
-            hosts
-                .iter()
-                .find(|h| h.backend_id == backend && !h.hostname.is_wildcard())
-                .map(|h| h.hostname.to_string())
-        });
+        self.health.watch(
+            &rt.config.backends,
+            |backend| {
+                hosts
+                    .iter()
+                    .find(|h| h.backend_id == backend && !h.hostname.is_wildcard())
+                    .map(|h| h.hostname.to_string())
+            },
+            |backend| rt.upstream_tls.get(&backend).map(|u| u.config.clone()),
+        );
         self.current.store(rt);
         self.ready.send_replace(true);
     }

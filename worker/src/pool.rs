@@ -91,6 +91,14 @@ impl Pool {
         }
     }
 
+    /// Drop every idle connection to `key` (one just failed: the others are suspect).
+    pub fn purge(&self, key: &PoolKey) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
     /// Number of idle connections held (for metrics and tests).
     pub fn idle_count(&self) -> usize {
         self.idle

@@ -177,18 +177,19 @@ pub async fn serve(
 /// A request body that says when it has been sent whole, so the response timeout can start then
 /// (a long upload is not a slow server).
 pub struct Watched {
-    inner: Incoming,
+    /// `None`: no body (a replayed request).
+    inner: Option<Incoming>,
     done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Watched {
-    fn new(inner: Incoming) -> (Watched, tokio::sync::oneshot::Receiver<()>) {
+    fn new(inner: Option<Incoming>) -> (Watched, tokio::sync::oneshot::Receiver<()>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut w = Watched {
             inner,
             done: Some(tx),
         };
-        if hyper::body::Body::is_end_stream(&w.inner) {
+        if hyper::body::Body::is_end_stream(&w) {
             w.finish();
         }
         (w, rx)
@@ -209,21 +210,27 @@ impl hyper::body::Body for Watched {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        let Some(inner) = self.inner.as_mut() else {
+            self.finish();
+            return std::task::Poll::Ready(None);
+        };
+        let polled = std::pin::Pin::new(inner).poll_frame(cx);
         match &polled {
             std::task::Poll::Ready(None) => self.finish(),
-            std::task::Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(),
+            std::task::Poll::Ready(Some(Ok(_))) if self.is_end_stream() => self.finish(),
             _ => {}
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| hyper::body::SizeHint::with_exact(0), |b| b.size_hint())
     }
 }
 
@@ -261,6 +268,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
     let host = rt
         .host(&name)
         .filter(|h| rt.host_certificates.get(&h.id) == Some(&conn.certificate));
+    let mut error = None;
     let (response, upstream) = match host {
         None => (
             local_response(StatusCode::MISDIRECTED_REQUEST, "misdirected request"),
@@ -281,7 +289,11 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
             );
             match proxy(&conn, &rt, &host, req, upgrade, te_trailers).await {
                 Ok((resp, server)) => (resp, Some(server)),
-                Err(e) => (e.response(), e.server()),
+                Err(e) => {
+                    let answer = (e.response(), e.server());
+                    error = Some(e);
+                    answer
+                }
             }
         }
     };
@@ -293,6 +305,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
             target: "sluice_worker::access",
             client = %conn.peer, host = %name, %method, %path, status = response.status().as_u16(),
             upstream = upstream.as_deref().unwrap_or("-"), total_ms = start.elapsed().as_secs_f64() * 1000.0,
+            error = error.as_ref().map(tracing::field::display),
             "request"
         );
     }
@@ -306,6 +319,10 @@ enum ProxyError {
     Upstream(UpstreamError),
     #[error("upstream {server}: {reason}")]
     Exchange { server: String, reason: String },
+    /// The connection failed before any response: an idempotent request without a body may be
+    /// sent again.
+    #[error("upstream {server}: {reason}")]
+    Reset { server: String, reason: String },
     #[error("upstream {server} did not answer in time")]
     Timeout { server: String },
     #[error("backend protocol {0} is not served yet")]
@@ -318,9 +335,10 @@ impl ProxyError {
             ProxyError::Upstream(UpstreamError::NoServer) => {
                 local_response(StatusCode::SERVICE_UNAVAILABLE, "no server available")
             }
-            ProxyError::Upstream(_) | ProxyError::Exchange { .. } | ProxyError::Unsupported(_) => {
-                local_response(StatusCode::BAD_GATEWAY, "bad gateway")
-            }
+            ProxyError::Upstream(_)
+            | ProxyError::Exchange { .. }
+            | ProxyError::Reset { .. }
+            | ProxyError::Unsupported(_) => local_response(StatusCode::BAD_GATEWAY, "bad gateway"),
             ProxyError::Timeout { .. } => {
                 local_response(StatusCode::GATEWAY_TIMEOUT, "gateway timeout")
             }
@@ -329,9 +347,9 @@ impl ProxyError {
 
     fn server(&self) -> Option<String> {
         match self {
-            ProxyError::Exchange { server, .. } | ProxyError::Timeout { server } => {
-                Some(server.clone())
-            }
+            ProxyError::Exchange { server, .. }
+            | ProxyError::Reset { server, .. }
+            | ProxyError::Timeout { server } => Some(server.clone()),
             ProxyError::Upstream(UpstreamError::Connect { server, .. }) => Some(server.clone()),
             _ => None,
         }
@@ -459,9 +477,119 @@ enum Chosen {
     H2(crate::h2pool::Lease),
 }
 
+/// The head of a request that may be sent a second time: idempotent, no body, no upgrade.
+struct Replay {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    fn of(req: &Request<Incoming>, upgrade: bool) -> Option<Replay> {
+        let idempotent = matches!(
+            *req.method(),
+            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+        );
+        (idempotent && !upgrade && hyper::body::Body::is_end_stream(req.body())).then(|| Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn request(&self) -> Request<Option<Incoming>> {
+        let mut req = Request::new(None);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// How the requests of one backend travel.
+struct Route<'a> {
+    backend: &'a sluice_shared::Backend,
+    balancer: &'a crate::balance::Balancer,
+    tls: Option<(&'a Upstream, &'a BackendTls)>,
+    /// HTTP/2 (`h2c`, or `https` when ALPN picks it) rather than the HTTP/1.1 pool.
+    multiplexed: bool,
+    /// A protocol upgrade needs a fresh HTTP/1.1 connection of its own.
+    upgrade: bool,
+}
+
+/// The balancer's choice: a pooled connection to it, else a new one; a failed connect is
+/// retried once on another server (nothing has been sent yet).
+async fn choose<'a>(
+    conn: &Conn,
+    route: &Route<'a>,
+) -> Result<(Chosen, PoolKey, &'a Server, crate::balance::Pick), ProxyError> {
+    let (pool, h2pool) = (&conn.worker.pool, &conn.worker.h2pool);
+    let backend = route.backend;
+    let tls = route.tls;
+    let mut tried: Vec<usize> = Vec::with_capacity(2);
+    let mut last_error = UpstreamError::NoServer;
+    for _ in 0..2 {
+        let Some(pick) = route
+            .balancer
+            .pick(|i| !tried.contains(&i) && conn.worker.health.usable(backend.servers[i].id))
+        else {
+            break;
+        };
+        let server = &backend.servers[pick.index];
+        let key = PoolKey {
+            address: server.address.to_string(),
+            tls: tls.map(|(u, t)| {
+                let sni = t
+                    .server_name
+                    .as_ref()
+                    .map_or_else(|| server.address.host_str(), |n| n.to_string());
+                (sni, t.verify, u.ca_sha256.clone())
+            }),
+        };
+        let attempt = if route.multiplexed && !h2pool.is_h1_only(&key) {
+            h2pool
+                .acquire(&key, || open_h2(server, tls))
+                .await
+                .map(|a| match a {
+                    Acquired::H2(lease) => Chosen::H2(lease),
+                    Acquired::H1(sender) => Chosen::H1(sender),
+                })
+        } else {
+            match pool.checkout(&key).filter(|_| !route.upgrade) {
+                Some(sender) => Ok(Chosen::H1(sender)),
+                None => open(server, tls.map(|(u, t)| (&u.config, t)))
+                    .await
+                    .map(Chosen::H1),
+            }
+        };
+        match attempt {
+            Ok(c) => return Ok((c, key, server, pick)),
+            Err(e) => {
+                tracing::debug!(error = %e, "upstream connect failed");
+                // Passive detection: a failed connect counts toward `fall`.
+                conn.worker.health.record(
+                    server.id,
+                    false,
+                    &backend.health_check,
+                    None,
+                    Some(e.to_string()),
+                );
+                last_error = e;
+                tried.push(pick.index);
+            }
+        }
+    }
+    Err(ProxyError::Upstream(last_error))
+}
+
 /// Send the request to a server of the host's backend: over a multiplexed HTTP/2 connection
 /// for `h2c` and h2-capable `https` servers, else over a pooled HTTP/1.1 connection
-/// (`upgrade`: the client's protocol upgrade, passed on and spliced after a 101).
+/// (`upgrade`: the client's protocol upgrade, passed on and spliced after a 101). An
+/// idempotent request without a body whose connection failed before any response is sent once
+/// more (a keep-alive connection the server had just closed, a server that just died).
 async fn proxy(
     conn: &Conn,
     rt: &Runtime,
@@ -490,92 +618,56 @@ async fn proxy(
     if upgrade.is_some() && backend.protocol == Protocol::H2c {
         return Err(ProxyError::Unsupported("protocol upgrades to h2c backends"));
     }
-    let multiplexed = backend.protocol == Protocol::H2c
-        || (backend.protocol == Protocol::Https && upgrade.is_none());
-    let balancer = rt
-        .balancer(backend.id)
-        .ok_or(ProxyError::Upstream(UpstreamError::NoBackend(backend.id)))?;
-    let (pool, h2pool) = (&conn.worker.pool, &conn.worker.h2pool);
-    // The balancer's choice: a pooled connection to it, else a new one; a failed connect is
-    // retried once on another server (nothing has been sent yet).
-    let mut tried: Vec<usize> = Vec::with_capacity(2);
-    let mut chosen = None;
-    let mut last_error = UpstreamError::NoServer;
-    for _ in 0..2 {
-        let Some(pick) = balancer
-            .pick(|i| !tried.contains(&i) && conn.worker.health.usable(backend.servers[i].id))
-        else {
-            break;
-        };
-        let server = &backend.servers[pick.index];
-        let key = PoolKey {
-            address: server.address.to_string(),
-            tls: tls.map(|(u, t)| {
-                let sni = t
-                    .server_name
-                    .as_ref()
-                    .map_or_else(|| server.address.host_str(), |n| n.to_string());
-                (sni, t.verify, u.ca_sha256.clone())
-            }),
-        };
-        let attempt = if multiplexed && !h2pool.is_h1_only(&key) {
-            h2pool
-                .acquire(&key, || open_h2(server, tls))
+    let route = Route {
+        backend,
+        balancer: rt
+            .balancer(backend.id)
+            .ok_or(ProxyError::Upstream(UpstreamError::NoBackend(backend.id)))?,
+        tls,
+        multiplexed: backend.protocol == Protocol::H2c
+            || (backend.protocol == Protocol::Https && upgrade.is_none()),
+        upgrade: upgrade.is_some(),
+    };
+    let replay = Replay::of(&req, upgrade.is_some());
+    let mut req = req.map(Some);
+    let mut replayed = false;
+    loop {
+        let (chosen, key, server, _pick) = choose(conn, &route).await?;
+        let result = match chosen {
+            Chosen::H1(sender) => {
+                exchange_h1(conn, req, upgrade.clone(), sender, key.clone()).await
+            }
+            Chosen::H2(lease) => {
+                let h2pool = &conn.worker.h2pool;
+                let reopen = || async {
+                    match h2pool.acquire(&key, || open_h2(server, tls)).await {
+                        Ok(Acquired::H2(lease)) => Ok(lease),
+                        Ok(Acquired::H1(_)) => Err("the server stopped speaking HTTP/2".to_owned()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                };
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                exchange_h2(
+                    conn,
+                    req,
+                    lease,
+                    reopen,
+                    scheme,
+                    te_trailers,
+                    key.address.clone(),
+                )
                 .await
-                .map(|a| match a {
-                    Acquired::H2(lease) => Chosen::H2(lease),
-                    Acquired::H1(sender) => Chosen::H1(sender),
-                })
-        } else {
-            match pool.checkout(&key).filter(|_| upgrade.is_none()) {
-                Some(sender) => Ok(Chosen::H1(sender)),
-                None => open(server, tls.map(|(u, t)| (&u.config, t)))
-                    .await
-                    .map(Chosen::H1),
             }
         };
-        match attempt {
-            Ok(c) => {
-                chosen = Some((c, key, server, pick));
-                break;
+        match (result, &replay) {
+            (Err(ProxyError::Reset { server, reason }), Some(head)) if !replayed => {
+                tracing::debug!(%server, %reason, "upstream connection failed before answering; sending the request again");
+                // Other idle connections to it are likely stale too.
+                conn.worker.pool.purge(&key);
+                replayed = true;
+                req = head.request();
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "upstream connect failed");
-                // Passive detection: a failed connect counts toward `fall`.
-                conn.worker.health.record(
-                    server.id,
-                    false,
-                    &backend.health_check,
-                    None,
-                    Some(e.to_string()),
-                );
-                last_error = e;
-                tried.push(pick.index);
-            }
-        }
-    }
-    let (chosen, key, server, _pick) = chosen.ok_or(ProxyError::Upstream(last_error))?;
-    match chosen {
-        Chosen::H1(sender) => exchange_h1(conn, req, upgrade, sender, key).await,
-        Chosen::H2(lease) => {
-            let scheme = if tls.is_some() { "https" } else { "http" };
-            let reopen = || async {
-                match h2pool.acquire(&key, || open_h2(server, tls)).await {
-                    Ok(Acquired::H2(lease)) => Ok(lease),
-                    Ok(Acquired::H1(_)) => Err("the server stopped speaking HTTP/2".to_owned()),
-                    Err(e) => Err(e.to_string()),
-                }
-            };
-            exchange_h2(
-                conn,
-                req,
-                lease,
-                reopen,
-                scheme,
-                te_trailers,
-                key.address.clone(),
-            )
-            .await
+            (other, _) => return other,
         }
     }
 }
@@ -583,7 +675,7 @@ async fn proxy(
 /// One request over HTTP/1.1; the connection goes back to the pool when the response ends.
 async fn exchange_h1(
     conn: &Conn,
-    mut req: Request<Incoming>,
+    mut req: Request<Option<Incoming>>,
     upgrade: Option<HeaderValue>,
     mut sender: hyper::client::conn::http1::SendRequest<Watched>,
     key: PoolKey,
@@ -626,6 +718,14 @@ async fn exchange_h1(
                 .upstream_latency(sent_at.elapsed().as_secs_f64());
             resp
         }
+        // The connection failed before any response byte (closed, reset, not sent at all): the
+        // request may be sent again. A malformed answer or a local error is final.
+        Ok(Err(e)) if !(e.is_parse() || e.is_parse_status() || e.is_user() || e.is_timeout()) => {
+            return Err(ProxyError::Reset {
+                server,
+                reason: e.to_string(),
+            })
+        }
         Ok(Err(e)) => {
             return Err(ProxyError::Exchange {
                 server,
@@ -661,7 +761,7 @@ async fn exchange_h1(
 /// request has no body to replay.
 async fn exchange_h2<R, F>(
     conn: &Conn,
-    req: Request<Incoming>,
+    req: Request<Option<Incoming>>,
     lease: crate::h2pool::Lease,
     reopen: R,
     scheme: &'static str,
@@ -685,8 +785,8 @@ where
             reason,
         },
     )?;
-    let replayable = hyper::body::Body::is_end_stream(&body);
-    let mut body = Some(body);
+    let replayable = body.as_ref().is_none_or(hyper::body::Body::is_end_stream);
+    let mut body = body;
     let mut lease = Some(lease);
     for attempt in 0..2 {
         let this = match lease.take() {

@@ -139,3 +139,24 @@ pub fn server_name(tls: &BackendTls, server: &Server) -> Result<ServerName<'stat
     ServerName::try_from(name.clone())
         .map_err(|e| format!("`{name}` cannot be a TLS server name: {e}"))
 }
+
+/// A client configuration that accepts any certificate (signatures still checked), for `tls`
+/// health checks of passthrough servers: the check reports what the certificate says instead
+/// of refusing it.
+pub fn inspecting_config() -> Arc<ClientConfig> {
+    static CONFIG: std::sync::OnceLock<Arc<ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAny(
+                    provider.signature_verification_algorithms,
+                )))
+                .with_no_client_auth();
+            Arc::new(config)
+        })
+        .clone()
+}

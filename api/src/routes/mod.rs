@@ -4,6 +4,7 @@
 pub mod backends;
 pub mod certificates;
 pub mod config;
+pub mod events;
 pub mod health;
 pub mod hosts;
 pub mod ops;

@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use crate::db::{now_text, HelloRecord};
 use crate::error::ApiError;
+use crate::events::Event;
 use crate::AppState;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -132,11 +133,18 @@ async fn session(app: AppState, socket: WebSocket, peer: Option<SocketAddr>) -> 
         .await?;
     let reg = app.workers.register(worker_id);
     tracing::info!(%worker_id, %name, peer = ?peer, managed, applied = ?applied_version, "worker connected");
+    let connected = |connected| Event::Worker {
+        worker_id,
+        worker_name: name.clone(),
+        connected,
+        at: now_text(),
+    };
+    app.workers.events.send(connected(true));
     let result = serve(
         &app,
         &mut sink,
         &mut stream,
-        worker_id,
+        (worker_id, &name),
         &reg.kick,
         Position {
             applied: applied_version.zip(applied_hash.clone()),
@@ -148,6 +156,7 @@ async fn session(app: AppState, socket: WebSocket, peer: Option<SocketAddr>) -> 
     )
     .await;
     app.workers.unregister(worker_id, reg.generation);
+    app.workers.events.send(connected(false));
     let _ = app.db.worker_seen(worker_id, &now_text()).await;
     tracing::info!(%worker_id, %name, "worker disconnected");
     result
@@ -188,7 +197,7 @@ async fn serve(
     app: &AppState,
     sink: &mut Sink,
     stream: &mut Stream,
-    worker_id: Uuid,
+    (worker_id, name): (Uuid, &str),
     kick: &Arc<tokio::sync::Notify>,
     mut pos: Position,
 ) -> anyhow::Result<()> {
@@ -222,6 +231,12 @@ async fn serve(
                         app.db.worker_applied(worker_id, version, &hash, &now_text()).await?;
                         app.workers.acked(worker_id, version);
                         tracing::info!(%worker_id, %version, "worker applied version");
+                        app.workers.events.send(Event::Applied {
+                            worker_id,
+                            worker_name: name.to_owned(),
+                            version,
+                            at: now_text(),
+                        });
                         pos.applied = Some((version, hash));
                         // Only the answer to the newest version sent clears it: Acks of
                         // older versions still queued at the worker must not cause a resend.
@@ -233,14 +248,22 @@ async fn serve(
                     WorkerMessage::Nack { version, error } => {
                         app.db.worker_rejected(worker_id, version, &error, &now_text()).await?;
                         tracing::warn!(%worker_id, %version, %error, "worker rejected version; it keeps its previous one");
+                        app.workers.events.send(Event::Rejected {
+                            worker_id,
+                            worker_name: name.to_owned(),
+                            version,
+                            error: error.clone(),
+                            at: now_text(),
+                        });
                         pos.rejected = Some(version);
                         if pos.in_flight.is_some_and(|f| f <= version) {
                             pos.in_flight = None;
                         }
                         push_if_behind(app, sink, &mut pos).await?;
                     }
-                    WorkerMessage::HealthReport { servers } => app.workers.health_report(worker_id, servers),
-                    WorkerMessage::Heartbeat => {}
+                    WorkerMessage::HealthReport { servers } => app.workers.health_report(worker_id, name, servers),
+                    // `last_seen` follows the heartbeats, so the registry shows a live worker as live.
+                    WorkerMessage::Heartbeat => app.db.worker_seen(worker_id, &now_text()).await?,
                     WorkerMessage::Hello { .. } => anyhow::bail!("Hello sent twice"),
                 }
             }

@@ -41,6 +41,8 @@ pub struct Hub {
     health: Mutex<HashMap<Uuid, Vec<sluice_shared::channel::ServerReport>>>,
     /// Size on the wire of the newest snapshot frame (compressed), for metrics.
     pub snapshot_bytes: std::sync::atomic::AtomicU64,
+    /// The live event feed (`GET /v1/events`).
+    pub events: crate::events::Events,
 }
 
 /// Handle a session keeps while registered.
@@ -62,6 +64,7 @@ impl Hub {
             cache: tokio::sync::Mutex::new(None),
             health: Mutex::default(),
             snapshot_bytes: std::sync::atomic::AtomicU64::new(0),
+            events: crate::events::Events::default(),
         }
     }
 
@@ -108,12 +111,30 @@ impl Hub {
         }
     }
 
-    /// Store a worker's health report (it replaces the previous one).
-    pub fn health_report(&self, id: Uuid, servers: Vec<sluice_shared::channel::ServerReport>) {
-        self.health
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, servers);
+    /// Store a worker's health report (it replaces the previous one) and send an event for
+    /// every server whose verdict changed.
+    pub fn health_report(
+        &self,
+        id: Uuid,
+        name: &str,
+        servers: Vec<sluice_shared::channel::ServerReport>,
+    ) {
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let before = health.get(&id).map_or(&[][..], Vec::as_slice);
+        let at = crate::db::now_text();
+        for (now, was) in crate::events::transitions(before, &servers) {
+            self.events.send(crate::events::Event::Health {
+                worker_id: id,
+                worker_name: name.to_owned(),
+                backend_id: now.backend_id,
+                server_id: now.server_id,
+                from: was.to_owned(),
+                to: now.status.clone(),
+                last_error: now.last_error.clone(),
+                at: at.clone(),
+            });
+        }
+        health.insert(id, servers);
     }
 
     /// What every connected worker reports about the servers of `backend`: (worker, report).
