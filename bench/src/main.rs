@@ -83,7 +83,7 @@ async fn bench_apply() -> anyhow::Result<Value> {
 
 async fn bench_push(workers: usize, hosts: usize, writes: usize) -> anyhow::Result<Value> {
     let dir = tempfile::tempdir()?;
-    let (api, _ws) = start(workers, dir.path()).await;
+    let (api, ws) = start(workers, dir.path()).await;
     let certs = if hosts >= 1000 { 1000 } else { 1 };
     let (status, applied) = api
         .http
@@ -139,6 +139,24 @@ async fn bench_push(workers: usize, hosts: usize, writes: usize) -> anyhow::Resu
         }
     }
     latencies.sort_by(|a, b| a.total_cmp(b));
+    // SLUICE_BENCH_LOGS=1: each worker's own account of every apply (build and total time).
+    if std::env::var_os("SLUICE_BENCH_LOGS").is_some() {
+        for line in api.proc.log_text().lines().filter(|l| {
+            l.contains("snapshot encoded") || l.contains("method=PUT path=/v1/backends")
+        }) {
+            eprintln!("{line}");
+        }
+        for w in &ws {
+            for line in w
+                .proc
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("applied snapshot") || l.contains("snapshot received"))
+            {
+                eprintln!("{line}");
+            }
+        }
+    }
     let metrics = api.http.get("/metrics").await.1;
     let bytes = metrics
         .as_str()

@@ -14,7 +14,7 @@ use crate::model::Config;
 use crate::types::ConfigVersion;
 
 /// Version of this protocol; a Hello with another one is refused with a reason.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Path of the channel on the API's listener.
 pub const CHANNEL_PATH: &str = "/worker/v1/channel";
@@ -49,6 +49,10 @@ pub enum WorkerMessage {
     Nack {
         version: ConfigVersion,
         error: String,
+    },
+    /// The worker could not apply a delta (it is not on its base): send the whole snapshot.
+    Resync {
+        version: ConfigVersion,
     },
     /// The state of every server this worker checks (sent when one changes, and every few
     /// seconds, so an API that reconnects rebuilds its view).
@@ -133,6 +137,15 @@ pub enum ApiMessage {
         hash: String,
         body: Config,
     },
+    /// The change from `base` (which the worker applied) to `version`, private keys of new or
+    /// changed certificates included.
+    Delta {
+        base: ConfigVersion,
+        base_hash: String,
+        version: ConfigVersion,
+        hash: String,
+        body: crate::delta::ConfigDelta,
+    },
     Heartbeat,
     /// The connection is refused (bad protocol version and the like); do not retry quickly.
     Refused {
@@ -175,7 +188,10 @@ pub fn encode<T: Serialize>(msg: &T, compress: bool) -> Frame {
 
 /// Encode an API message, compressing snapshots.
 pub fn encode_api(msg: &ApiMessage) -> Frame {
-    encode(msg, matches!(msg, ApiMessage::Snapshot { .. }))
+    encode(
+        msg,
+        matches!(msg, ApiMessage::Snapshot { .. } | ApiMessage::Delta { .. }),
+    )
 }
 
 /// Decode a text (JSON) or binary (gzip JSON) frame.

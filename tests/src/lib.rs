@@ -62,7 +62,10 @@ impl Proc {
     ) -> (Proc, SocketAddr) {
         let mut cmd = Command::new(sluice_api_bin());
         cmd.args(args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

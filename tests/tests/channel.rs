@@ -102,6 +102,17 @@ async fn workers_outlive_the_api_and_serve_from_their_state_dir() {
     let (ca, _backend) = passthrough_app(&api).await;
     let v = api.version().await;
     api.wait_applied(2, v).await;
+    // Workers already on the previous version got each change as a delta (and journaled it:
+    // the restart below replays the journal).
+    let metrics = w1.http.get("/metrics").await.1;
+    let deltas: u64 = metrics
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_worker_snapshot_deltas_applied_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(deltas >= 1, "changes arrived as deltas: {metrics}");
 
     // kill -9 the API: both workers notice and keep serving their snapshot.
     api.proc.kill9();

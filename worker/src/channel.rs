@@ -190,7 +190,10 @@ async fn session(
                     Some(Ok(_)) => continue,
                 };
                 last_heard = Instant::now();
-                match decode::<ApiMessage>(&frame)? {
+                let decoding = std::time::Instant::now();
+                let message = decode::<ApiMessage>(&frame)?;
+                let decode_ms = decoding.elapsed().as_secs_f64() * 1000.0;
+                match message {
                     ApiMessage::Welcome { heartbeat_ms } => {
                         heartbeat = Duration::from_millis(heartbeat_ms.max(10));
                         tick = tokio::time::interval(heartbeat);
@@ -199,7 +202,30 @@ async fn session(
                         tracing::info!(api = %worker.api, "connected to the API");
                     }
                     ApiMessage::Snapshot { version, hash, body } => {
-                        let reply = apply(worker, Snapshot { version, hash, config: body }).await;
+                        tracing::debug!(%version, decode_ms, "snapshot received");
+                        let snapshot = Snapshot { version, hash, config: body };
+                        let reply = apply(worker, snapshot, Received::Full(frame)).await;
+                        sink.send(to_message(encode(&reply, false))).await?;
+                    }
+                    ApiMessage::Delta { base, base_hash, version, hash, body } => {
+                        tracing::debug!(%base, %version, changes = body.len(), decode_ms, "delta received");
+                        let reply = match worker.current.load().filter(|rt| rt.version == base && rt.hash == base_hash) {
+                            // Not on the delta's base (restarted from an older state): ask for all.
+                            None => WorkerMessage::Resync { version },
+                            Some(rt) => {
+                                let applied = tokio::task::spawn_blocking(move || {
+                                    sluice_shared::delta::apply(&rt.config_with_keys(), &body)
+                                })
+                                .await;
+                                match applied {
+                                    Ok(config) => {
+                                        let snapshot = Snapshot { version, hash, config };
+                                        apply(worker, snapshot, Received::Delta(frame)).await
+                                    }
+                                    Err(_) => WorkerMessage::Resync { version },
+                                }
+                            }
+                        };
                         sink.send(to_message(encode(&reply, false))).await?;
                     }
                     ApiMessage::Heartbeat => {}
@@ -230,8 +256,15 @@ async fn session(
     }
 }
 
-/// Build, switch, persist; the answer for the API.
-async fn apply(worker: &Arc<Worker>, snapshot: Snapshot) -> WorkerMessage {
+/// How a snapshot arrived, with the frame to persist.
+enum Received {
+    Full(Frame),
+    Delta(Frame),
+}
+
+/// Build, switch, persist; the answer for the API. A delta whose result does not have the
+/// claimed hash asks for the whole snapshot instead of refusing the version.
+async fn apply(worker: &Arc<Worker>, snapshot: Snapshot, received: Received) -> WorkerMessage {
     let version = snapshot.version;
     if worker
         .current
@@ -244,21 +277,36 @@ async fn apply(worker: &Arc<Worker>, snapshot: Snapshot) -> WorkerMessage {
             hash: snapshot.hash,
         };
     }
-    let keep = snapshot.clone();
+    let started = std::time::Instant::now();
     let now = crate::now_text();
     let previous = worker.current.load();
     let built = tokio::task::spawn_blocking(move || {
         runtime::build(snapshot, Source::Api, now, previous.as_deref())
     })
     .await;
+    let build_ms = started.elapsed().as_secs_f64() * 1000.0;
     match built {
         Ok(Ok(rt)) => {
             let hash = rt.hash.clone();
-            worker.switch(Arc::new(rt));
+            let rt = Arc::new(rt);
+            worker.switch(rt.clone());
             worker.metrics.applied(version);
-            tracing::info!(%version, "applied snapshot");
-            worker.persist(keep);
+            let delta = matches!(received, Received::Delta(_));
+            tracing::info!(%version, delta, build_ms, total_ms = started.elapsed().as_secs_f64() * 1000.0, "applied snapshot");
+            worker.persist(match received {
+                Received::Full(frame) => crate::Persist::Full(version, frame),
+                Received::Delta(frame) => {
+                    worker.metrics.delta_applied();
+                    crate::Persist::Delta(version, frame, rt)
+                }
+            });
             WorkerMessage::Ack { version, hash }
+        }
+        Ok(Err(runtime::BuildError::HashMismatch { claimed, actual }))
+            if matches!(received, Received::Delta(_)) =>
+        {
+            tracing::warn!(%version, %claimed, %actual, "a delta did not produce the claimed content; asking for the whole snapshot");
+            WorkerMessage::Resync { version }
         }
         Ok(Err(e)) => {
             worker.metrics.rejected();

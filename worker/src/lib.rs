@@ -33,6 +33,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
+use sluice_shared::channel::Frame;
 use sluice_shared::Snapshot;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -69,7 +70,7 @@ pub struct Worker {
     pub connected: AtomicBool,
     pub metrics: Metrics,
     state: StateDir,
-    persist_tx: watch::Sender<Option<Snapshot>>,
+    persist_tx: tokio::sync::mpsc::UnboundedSender<Persist>,
     /// Turns true once a snapshot is in force (the listeners wait for it).
     pub ready: watch::Sender<bool>,
 }
@@ -77,15 +78,17 @@ pub struct Worker {
 impl Worker {
     /// Switch to a new runtime: store it, start checking its backends, mark the worker ready.
     pub fn switch(&self, rt: Arc<runtime::Runtime>) {
-        let hosts = rt.config.hosts.clone();
+        // A host of each backend (for `Host` and SNI in checks), found in one pass.
+        let mut host_of: std::collections::HashMap<Uuid, &str> =
+            std::collections::HashMap::with_capacity(rt.config.backends.len());
+        for h in &rt.config.hosts {
+            if !h.hostname.is_wildcard() {
+                host_of.entry(h.backend_id).or_insert(h.hostname.as_str());
+            }
+        }
         self.health.watch(
             &rt.config.backends,
-            |backend| {
-                hosts
-                    .iter()
-                    .find(|h| h.backend_id == backend && !h.hostname.is_wildcard())
-                    .map(|h| h.hostname.to_string())
-            },
+            |backend| host_of.get(&backend).map(|h| (*h).to_owned()),
             |backend| rt.upstream_tls.get(&backend).map(|u| u.config.clone()),
         );
         self.current.store(rt);
@@ -103,7 +106,6 @@ impl Worker {
         if let Some(rt) = self.current.load() {
             for r in &mut reports {
                 let address = rt
-                    .config
                     .backend(r.backend_id)
                     .and_then(|b| b.servers.iter().find(|s| s.id == r.server_id))
                     .map(|s| s.address.to_string());
@@ -113,9 +115,9 @@ impl Worker {
         reports
     }
 
-    /// Queue an applied snapshot for writing to the state directory (latest wins).
-    pub fn persist(&self, snapshot: Snapshot) {
-        self.persist_tx.send_replace(Some(snapshot));
+    /// Queue an applied snapshot or delta for writing to the state directory (in order).
+    pub fn persist(&self, what: Persist) {
+        let _ = self.persist_tx.send(what);
     }
 }
 
@@ -132,18 +134,42 @@ fn default_name() -> String {
         .unwrap_or_else(|| "worker".into())
 }
 
-/// Write queued snapshots to the state directory, one at a time, off the async threads.
-async fn persist_loop(state: StateDir, mut rx: watch::Receiver<Option<Snapshot>>) {
-    while rx.changed().await.is_ok() {
-        let Some(snapshot) = rx.borrow_and_update().clone() else {
-            continue;
-        };
+/// What to write to the state directory.
+#[derive(Debug)]
+pub enum Persist {
+    /// A full snapshot frame, as the API sent it.
+    Full(sluice_shared::ConfigVersion, Frame),
+    /// A delta frame, journaled after the last full one; `runtime` is what it produced (for
+    /// compacting a long journal into one snapshot).
+    Delta(sluice_shared::ConfigVersion, Frame, Arc<runtime::Runtime>),
+}
+
+/// Journal length at which the state directory gets a full snapshot instead.
+const MAX_JOURNAL: usize = 64;
+
+/// Write queued snapshots and deltas to the state directory, in order, off the async threads.
+async fn persist_loop(state: StateDir, mut rx: tokio::sync::mpsc::UnboundedReceiver<Persist>) {
+    while let Some(what) = rx.recv().await {
         let state = state.clone();
-        let version = snapshot.version;
-        match tokio::task::spawn_blocking(move || state.save(&snapshot)).await {
-            Ok(Ok(())) => tracing::debug!(%version, "snapshot saved to the state directory"),
-            Ok(Err(e)) => tracing::error!(%version, error = %e, "saving the snapshot failed"),
-            Err(e) => tracing::error!(%version, error = %e, "saving the snapshot panicked"),
+        let saved = tokio::task::spawn_blocking(move || match what {
+            Persist::Full(version, frame) => state.save_frame(&frame).map(|()| version),
+            Persist::Delta(version, frame, rt) => {
+                if state.append_delta(version, &frame)? >= MAX_JOURNAL {
+                    state.save(&Snapshot {
+                        version: rt.version,
+                        hash: rt.hash.clone(),
+                        config: rt.config_with_keys(),
+                    })?;
+                    tracing::debug!(%version, "delta journal compacted into one snapshot");
+                }
+                Ok(version)
+            }
+        })
+        .await;
+        match saved {
+            Ok(Ok(version)) => tracing::debug!(%version, "saved to the state directory"),
+            Ok(Err(e)) => tracing::error!(error = %e, "saving the snapshot failed"),
+            Err(e) => tracing::error!(error = %e, "saving the snapshot panicked"),
         }
     }
 }
@@ -193,7 +219,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let id = state
         .worker_id(args.worker_id)
         .context("reading the worker id")?;
-    let (persist_tx, persist_rx) = watch::channel(None);
+    let (persist_tx, persist_rx) = tokio::sync::mpsc::unbounded_channel();
     let metrics = Metrics::default();
     let worker = Arc::new(Worker {
         id,

@@ -43,6 +43,7 @@ pub struct Metrics {
     registry: Registry,
     config_version: Gauge,
     applied: Counter,
+    deltas: Counter,
     rejected: Counter,
     connected: Gauge,
     closed: Family<ClosedLabels, Counter>,
@@ -63,6 +64,7 @@ impl Default for Metrics {
         let m = Metrics {
             config_version: Gauge::default(),
             applied: Counter::default(),
+            deltas: Counter::default(),
             rejected: Counter::default(),
             connected: Gauge::default(),
             closed: Family::default(),
@@ -86,6 +88,11 @@ impl Default for Metrics {
             m.config_version.clone(),
         );
         registry.register("snapshots_applied", "Snapshots applied", m.applied.clone());
+        registry.register(
+            "snapshot_deltas_applied",
+            "Snapshots applied from a delta against the previous one",
+            m.deltas.clone(),
+        );
         registry.register(
             "snapshots_rejected",
             "Snapshots refused by validation",
@@ -154,6 +161,10 @@ impl Metrics {
     pub fn applied(&self, version: ConfigVersion) {
         self.applied.inc();
         self.config_version.set(version.get() as i64);
+    }
+
+    pub fn delta_applied(&self) {
+        self.deltas.inc();
     }
 
     pub fn rejected(&self) {

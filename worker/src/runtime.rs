@@ -44,6 +44,17 @@ pub enum Source {
     StateDir,
 }
 
+/// The PEM private keys of a runtime's certificates, by certificate id: kept so the next delta
+/// can be applied to the full configuration (and a compacted snapshot written). Never shown.
+#[derive(Default)]
+pub struct KeyPems(HashMap<Uuid, String>);
+
+impl std::fmt::Debug for KeyPems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyPems(<{} redacted>)", self.0.len())
+    }
+}
+
 /// Everything built from one snapshot.
 #[derive(Debug)]
 pub struct Runtime {
@@ -56,6 +67,8 @@ pub struct Runtime {
     pub config: Config,
     /// Loaded certificate chains and signing keys, by certificate id.
     pub certified: HashMap<Uuid, Arc<CertifiedKey>>,
+    /// The keys in PEM form (see [`KeyPems`]).
+    key_pems: KeyPems,
     /// Host index by exact hostname and by wildcard suffix (`beerme` for `*.beerme`).
     exact: HashMap<String, usize>,
     wildcard: HashMap<String, usize>,
@@ -72,6 +85,20 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// The configuration as the API sent it, private keys included (for applying a delta).
+    pub fn config_with_keys(&self) -> Config {
+        let mut config = self.config.clone();
+        for c in &mut config.certificates {
+            c.key_pem = self.key_pems.0.get(&c.id).cloned();
+        }
+        config
+    }
+
+    /// A backend by id (an index lookup: this is on every request's path).
+    pub fn backend(&self, id: Uuid) -> Option<&Backend> {
+        self.balancers.get(&id).map(|(b, _)| b)
+    }
+
     /// The balancer of a backend.
     pub fn balancer(&self, backend: Uuid) -> Option<&Balancer> {
         self.balancers.get(&backend).map(|(_, b)| b.as_ref())
@@ -124,6 +151,12 @@ pub fn build(
         mut config,
     } = snapshot;
     config.normalize();
+    // Keys leave the configuration first, so hashing needs no redacted copy of it.
+    let mut keys: HashMap<Uuid, String> = config
+        .certificates
+        .iter_mut()
+        .filter_map(|c| c.key_pem.take().map(|k| (c.id, k)))
+        .collect();
     let actual = config_hash(&config);
     if actual != hash {
         return Err(BuildError::HashMismatch {
@@ -131,22 +164,30 @@ pub fn build(
             actual,
         });
     }
+    // Back in for validation, which checks each key against its `key_sha256`.
+    for c in &mut config.certificates {
+        c.key_pem = keys.remove(&c.id);
+    }
+    let previous_certs: HashMap<Uuid, &sluice_shared::Certificate> = previous
+        .map(|p| p.config.certificates.iter().map(|c| (c.id, c)).collect())
+        .unwrap_or_default();
     // Unchanged chains are not parsed again.
     let known = |c: &sluice_shared::Certificate| {
         let prev = previous?;
-        prev.config
-            .certificate(c.id)
+        previous_certs
+            .get(&c.id)
             .filter(|old| old.cert_pem == c.cert_pem)?;
         prev.cert_facts.get(&c.id).cloned()
     };
     let validated = validate_with(&config, &known)?;
     let mut certified = HashMap::with_capacity(config.certificates.len());
+    let mut key_pems = HashMap::with_capacity(config.certificates.len());
     let mut server_configs = HashMap::with_capacity(config.certificates.len());
     // Certificates whose chain and key did not change keep their loaded form: loading a key is
     // the costly part of a switch, and most switches change something else.
     let reusable = |cert: &sluice_shared::Certificate| {
         let prev = previous?;
-        let old = prev.config.certificate(cert.id)?;
+        let old = previous_certs.get(&cert.id)?;
         if old.cert_pem != cert.cert_pem || old.key_sha256 != cert.key_sha256 {
             return None;
         }
@@ -172,6 +213,7 @@ pub fn build(
             }
         };
         certified.insert(cert.id, ck);
+        key_pems.insert(cert.id, key);
         server_configs.insert(cert.id, sc);
     }
     let mut exact = HashMap::new();
@@ -205,13 +247,26 @@ pub fn build(
         .iter()
         .filter(|b| b.protocol == sluice_shared::Protocol::Https)
     {
-        let settings = b.tls.clone().unwrap_or_default();
-        let client = crate::upstream_tls::Upstream::new(&settings).map_err(|reason| {
-            BuildError::UpstreamTls {
-                name: b.name.clone(),
-                reason,
+        // Unchanged TLS settings keep their client configuration (loading a CA bundle is
+        // costly, and its session cache is worth keeping).
+        let kept = previous.and_then(|p| {
+            let (old, _) = p.balancers.get(&b.id)?;
+            (old.protocol == b.protocol && old.tls == b.tls)
+                .then(|| p.upstream_tls.get(&b.id).cloned())
+                .flatten()
+        });
+        let client = match kept {
+            Some(c) => c,
+            None => {
+                let settings = b.tls.clone().unwrap_or_default();
+                crate::upstream_tls::Upstream::new(&settings).map_err(|reason| {
+                    BuildError::UpstreamTls {
+                        name: b.name.clone(),
+                        reason,
+                    }
+                })?
             }
-        })?;
+        };
         upstream_tls.insert(b.id, client);
     }
     Ok(Runtime {
@@ -224,6 +279,7 @@ pub fn build(
         applied_at,
         config,
         certified,
+        key_pems: KeyPems(key_pems),
         exact,
         wildcard,
         host_certificates: validated.host_certificates,

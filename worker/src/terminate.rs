@@ -598,12 +598,11 @@ async fn proxy(
     upgrade: Option<HeaderValue>,
     te_trailers: bool,
 ) -> Result<(Response<ResBody>, String), ProxyError> {
-    let backend = rt
-        .config
-        .backend(host.backend_id)
-        .ok_or(ProxyError::Upstream(UpstreamError::NoBackend(
-            host.backend_id,
-        )))?;
+    let backend =
+        rt.backend(host.backend_id)
+            .ok_or(ProxyError::Upstream(UpstreamError::NoBackend(
+                host.backend_id,
+            )))?;
     let tls = match backend.protocol {
         Protocol::Http | Protocol::H2c => None,
         Protocol::Https => {

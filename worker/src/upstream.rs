@@ -57,7 +57,6 @@ pub async fn connect_with_pick(
     backend_id: Uuid,
 ) -> Result<(TcpStream, String, Pick), UpstreamError> {
     let backend = rt
-        .config
         .backend(backend_id)
         .ok_or(UpstreamError::NoBackend(backend_id))?;
     let balancer = rt

@@ -81,6 +81,8 @@ struct Position {
     in_flight: Option<ConfigVersion>,
     /// Refused by the worker: never sent again.
     rejected: Option<ConfigVersion>,
+    /// The worker asked for a whole snapshot (a delta did not fit what it has).
+    resync: bool,
 }
 
 async fn session(app: AppState, socket: WebSocket, peer: Option<SocketAddr>) -> anyhow::Result<()> {
@@ -152,6 +154,7 @@ async fn session(app: AppState, socket: WebSocket, peer: Option<SocketAddr>) -> 
             rejected: previous
                 .and_then(|p| p.last_error_version)
                 .and_then(|v| ConfigVersion::try_from(v).ok()),
+            resync: false,
         },
     )
     .await;
@@ -173,9 +176,6 @@ async fn push_if_behind(app: &AppState, sink: &mut Sink, pos: &mut Position) -> 
     if pos.in_flight == Some(newest) || pos.rejected == Some(newest) {
         return Ok(());
     }
-    let Some(frame) = app.workers.snapshot_frame(&app.db, newest).await? else {
-        return Ok(());
-    };
     if let Some((v, hash)) = &pos.applied {
         // Up to date when version and content agree.
         if *v == newest
@@ -187,9 +187,21 @@ async fn push_if_behind(app: &AppState, sink: &mut Sink, pos: &mut Position) -> 
         {
             return Ok(());
         }
+        // Behind: the change from what it has, when the API still knows that version.
+        if *v < newest && !pos.resync {
+            if let Some(frame) = app.workers.delta_frame(&app.db, *v, hash, newest).await? {
+                sink.send(to_message(&frame)).await?;
+                pos.in_flight = Some(newest);
+                return Ok(());
+            }
+        }
     }
+    let Some(frame) = app.workers.snapshot_frame(&app.db, newest).await? else {
+        return Ok(());
+    };
     sink.send(to_message(&frame)).await?;
     pos.in_flight = Some(newest);
+    pos.resync = false;
     Ok(())
 }
 
@@ -256,6 +268,14 @@ async fn serve(
                             at: now_text(),
                         });
                         pos.rejected = Some(version);
+                        if pos.in_flight.is_some_and(|f| f <= version) {
+                            pos.in_flight = None;
+                        }
+                        push_if_behind(app, sink, &mut pos).await?;
+                    }
+                    WorkerMessage::Resync { version } => {
+                        tracing::info!(%worker_id, %version, "worker asked for the whole snapshot");
+                        pos.resync = true;
                         if pos.in_flight.is_some_and(|f| f <= version) {
                             pos.in_flight = None;
                         }

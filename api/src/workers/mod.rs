@@ -35,14 +35,60 @@ pub struct Hub {
     applied: Mutex<HashMap<Uuid, ConfigVersion>>,
     /// Bumped on every Ack, so waiters can re-check `applied`.
     acks: watch::Sender<u64>,
-    /// The encoded snapshot of the newest version, shared by every session that sends it.
-    cache: tokio::sync::Mutex<Option<(ConfigVersion, Arc<Frame>)>>,
+    /// Encoded frames shared by every session that sends them, and the configurations (keys
+    /// included) deltas are computed from.
+    cache: tokio::sync::Mutex<Frames>,
     /// Each connected worker's latest health report.
     health: Mutex<HashMap<Uuid, Vec<sluice_shared::channel::ServerReport>>>,
     /// Size on the wire of the newest snapshot frame (compressed), for metrics.
     pub snapshot_bytes: std::sync::atomic::AtomicU64,
     /// The live event feed (`GET /v1/events`).
     pub events: crate::events::Events,
+}
+
+/// Configurations kept for deltas (the newest two are what workers are usually on).
+const KEPT_CONFIGS: usize = 2;
+
+/// What the sessions share of the snapshots they send.
+#[derive(Debug, Default)]
+struct Frames {
+    /// Recent configurations with keys: (version, hash, config).
+    configs: std::collections::VecDeque<(ConfigVersion, String, Arc<sluice_shared::Config>)>,
+    /// The full snapshot frame of one version.
+    full: Option<(ConfigVersion, Arc<Frame>)>,
+    /// The delta frame from one version to another.
+    delta: Option<(ConfigVersion, ConfigVersion, Arc<Frame>)>,
+}
+
+fn encoding_failed(e: tokio::task::JoinError) -> DbError {
+    DbError::Corrupt {
+        what: "snapshot encoding".into(),
+        reason: e.to_string(),
+    }
+}
+
+impl Frames {
+    /// A version's configuration with keys, from memory or the database.
+    async fn config(
+        &mut self,
+        db: &Db,
+        version: ConfigVersion,
+    ) -> Result<Option<(String, Arc<sluice_shared::Config>)>, DbError> {
+        if let Some((_, hash, c)) = self.configs.iter().find(|(v, _, _)| *v == version) {
+            return Ok(Some((hash.clone(), c.clone())));
+        }
+        let Some(snapshot) = db.snapshot_with_keys(version).await? else {
+            return Ok(None);
+        };
+        let config = Arc::new(snapshot.config);
+        self.configs
+            .push_back((version, snapshot.hash.clone(), config.clone()));
+        self.configs.make_contiguous().sort_by_key(|(v, _, _)| *v);
+        while self.configs.len() > KEPT_CONFIGS {
+            self.configs.pop_front();
+        }
+        Ok(Some((snapshot.hash, config)))
+    }
 }
 
 /// Handle a session keeps while registered.
@@ -61,7 +107,7 @@ impl Hub {
             managed: Mutex::default(),
             applied: Mutex::default(),
             acks: watch::channel(0).0,
-            cache: tokio::sync::Mutex::new(None),
+            cache: tokio::sync::Mutex::new(Frames::default()),
             health: Mutex::default(),
             snapshot_bytes: std::sync::atomic::AtomicU64::new(0),
             events: crate::events::Events::default(),
@@ -221,34 +267,82 @@ impl Hub {
         version: ConfigVersion,
     ) -> Result<Option<Arc<Frame>>, DbError> {
         let mut cache = self.cache.lock().await;
-        if let Some((v, frame)) = cache.as_ref() {
+        if let Some((v, frame)) = cache.full.as_ref() {
             if *v == version {
                 return Ok(Some(frame.clone()));
             }
         }
-        let Some(snapshot) = db.snapshot_with_keys(version).await? else {
+        let started = std::time::Instant::now();
+        let Some((hash, config)) = cache.config(db, version).await? else {
             return Ok(None);
         };
-        let msg = ApiMessage::Snapshot {
-            version: snapshot.version,
-            hash: snapshot.hash,
-            body: snapshot.config,
-        };
+        let loaded_ms = started.elapsed().as_secs_f64() * 1000.0;
         let frame = Arc::new(
-            tokio::task::spawn_blocking(move || encode_api(&msg))
-                .await
-                .map_err(|e| DbError::Corrupt {
-                    what: "snapshot encoding".into(),
-                    reason: e.to_string(),
-                })?,
+            tokio::task::spawn_blocking(move || {
+                encode_api(&ApiMessage::Snapshot {
+                    version,
+                    hash,
+                    body: (*config).clone(),
+                })
+            })
+            .await
+            .map_err(encoding_failed)?,
         );
-        let size = match frame.as_ref() {
-            Frame::Text(t) => t.len(),
-            Frame::Binary(b) => b.len(),
-        };
+        let size = frame_len(&frame);
         self.snapshot_bytes
             .store(size as u64, std::sync::atomic::Ordering::Relaxed);
-        *cache = Some((version, frame.clone()));
+        tracing::debug!(%version, bytes = size, loaded_ms, total_ms = started.elapsed().as_secs_f64() * 1000.0, "snapshot encoded");
+        cache.full = Some((version, frame.clone()));
         Ok(Some(frame))
+    }
+
+    /// The delta frame from `base` (with content `base_hash`, what the worker applied) to
+    /// `version`; `None` when `base` is unknown or its content differs (send the snapshot).
+    pub async fn delta_frame(
+        &self,
+        db: &Db,
+        base: ConfigVersion,
+        base_hash: &str,
+        version: ConfigVersion,
+    ) -> Result<Option<Arc<Frame>>, DbError> {
+        let mut cache = self.cache.lock().await;
+        if let Some((b, v, frame)) = cache.delta.as_ref() {
+            if (*b, *v) == (base, version) {
+                return Ok(Some(frame.clone()));
+            }
+        }
+        let started = std::time::Instant::now();
+        let Some((old_hash, old)) = cache.config(db, base).await? else {
+            return Ok(None);
+        };
+        if old_hash != base_hash {
+            return Ok(None);
+        }
+        let Some((hash, new)) = cache.config(db, version).await? else {
+            return Ok(None);
+        };
+        let frame = Arc::new(
+            tokio::task::spawn_blocking(move || {
+                encode_api(&ApiMessage::Delta {
+                    base,
+                    base_hash: old_hash,
+                    version,
+                    hash,
+                    body: sluice_shared::delta::between(&old, &new),
+                })
+            })
+            .await
+            .map_err(encoding_failed)?,
+        );
+        tracing::debug!(%base, %version, bytes = frame_len(&frame), total_ms = started.elapsed().as_secs_f64() * 1000.0, "delta encoded");
+        cache.delta = Some((base, version, frame.clone()));
+        Ok(Some(frame))
+    }
+}
+
+fn frame_len(frame: &Frame) -> usize {
+    match frame {
+        Frame::Text(t) => t.len(),
+        Frame::Binary(b) => b.len(),
     }
 }
