@@ -91,6 +91,27 @@ fn enum_from<T: DeserializeOwned>(what: &str, text: &str) -> DbResult<T> {
     serde_json::from_value(serde_json::Value::String(text.to_owned())).map_err(|e| corrupt(what, e))
 }
 
+/// A history snapshot as stored: gzip-compressed JSON.
+fn gzip_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    use std::io::Write;
+    // Encoded whole first: the compressor is much faster fed in one piece than token by token.
+    let json = serde_json::to_vec(v).unwrap_or_default();
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(json.len() / 8),
+        flate2::Compression::fast(),
+    );
+    // Writing into a Vec cannot fail.
+    let _ = enc.write_all(&json);
+    enc.finish().unwrap_or_default()
+}
+
+fn gunzip(gz: &[u8]) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(gz).read_to_string(&mut text)?;
+    Ok(text)
+}
+
 fn to_json<T: serde::Serialize>(v: &T) -> String {
     // Model types are plain data; their JSON encoding cannot fail.
     serde_json::to_string(v).unwrap_or_default()
@@ -249,7 +270,7 @@ async fn version_snapshot<'e>(
     v: ConfigVersion,
 ) -> DbResult<Option<(VersionRow, Config)>> {
     let row = sqlx::query(&format!(
-        "SELECT {VERSION_COLS}, snapshot FROM config_versions WHERE version = ?"
+        "SELECT {VERSION_COLS}, snapshot, snapshot_gz FROM config_versions WHERE version = ?"
     ))
     .bind(v.get() as i64)
     .fetch_optional(ex)
@@ -258,10 +279,11 @@ async fn version_snapshot<'e>(
         None => Ok(None),
         Some(row) => {
             let meta = version_row(&row)?;
-            let config = from_json(
-                &format!("snapshot of version {v}"),
-                &row.try_get::<String, _>("snapshot")?,
-            )?;
+            let what = format!("snapshot of version {v}");
+            let config = match row.try_get::<Option<Vec<u8>>, _>("snapshot_gz")? {
+                Some(gz) => from_json(&what, &gunzip(&gz).map_err(|e| corrupt(&what, e))?)?,
+                None => from_json(&what, &row.try_get::<String, _>("snapshot")?)?,
+            };
             Ok(Some((meta, config)))
         }
     }
@@ -360,6 +382,17 @@ impl Db {
     /// The newest committed version.
     pub async fn current_version(&self) -> DbResult<Option<VersionRow>> {
         latest_version(&self.pool).await
+    }
+
+    /// One version's row (hash, time, summary) without its snapshot.
+    pub async fn version_row(&self, v: ConfigVersion) -> DbResult<Option<VersionRow>> {
+        let row = sqlx::query(&format!(
+            "SELECT {VERSION_COLS} FROM config_versions WHERE version = ?"
+        ))
+        .bind(v.get() as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(version_row).transpose()
     }
 
     /// History, newest first: at most `limit` versions below `before` (if given).
@@ -641,15 +674,15 @@ impl WriteTx<'_> {
         facts: CertFactsById,
     ) -> DbResult<()> {
         sqlx::query(
-            "INSERT INTO config_versions (version, hash, created_at, summary, restored_from, snapshot)
-             VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO config_versions (version, hash, created_at, summary, restored_from, snapshot, snapshot_gz)
+             VALUES (?, ?, ?, ?, ?, '', ?)",
         )
         .bind(row.version.get() as i64)
         .bind(&row.hash)
         .bind(&row.created_at)
         .bind(&row.summary)
         .bind(row.restored_from.map(|r| r as i64))
-        .bind(to_json(&*config))
+        .bind(gzip_json(&*config))
         .execute(&mut *self.tx)
         .await?;
         self.tx.commit().await?;

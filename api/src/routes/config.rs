@@ -236,7 +236,7 @@ pub async fn rollout(
     Path(raw): Path<String>,
 ) -> Result<Json<Rollout>, ApiError> {
     let v = parse_version(&raw)?;
-    app.db.get_version(v).await?.ok_or(ApiError::NotFound {
+    app.db.version_row(v).await?.ok_or(ApiError::NotFound {
         what: "version",
         id: v.to_string(),
     })?;

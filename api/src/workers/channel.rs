@@ -181,9 +181,9 @@ async fn push_if_behind(app: &AppState, sink: &mut Sink, pos: &mut Position) -> 
         if *v == newest
             && app
                 .db
-                .get_version(newest)
+                .version_row(newest)
                 .await?
-                .is_some_and(|(row, _)| row.hash == *hash)
+                .is_some_and(|row| row.hash == *hash)
         {
             return Ok(());
         }

@@ -40,7 +40,7 @@ pub struct Hub {
     cache: tokio::sync::Mutex<Frames>,
     /// Each connected worker's latest health report.
     health: Mutex<HashMap<Uuid, Vec<sluice_shared::channel::ServerReport>>>,
-    /// Size on the wire of the newest snapshot frame (compressed), for metrics.
+    /// Size on the wire of the newest snapshot or delta frame (compressed), for metrics.
     pub snapshot_bytes: std::sync::atomic::AtomicU64,
     /// The live event feed (`GET /v1/events`).
     pub events: crate::events::Events,
@@ -333,6 +333,10 @@ impl Hub {
             })
             .await
             .map_err(encoding_failed)?,
+        );
+        self.snapshot_bytes.store(
+            frame_len(&frame) as u64,
+            std::sync::atomic::Ordering::Relaxed,
         );
         tracing::debug!(%base, %version, bytes = frame_len(&frame), total_ms = started.elapsed().as_secs_f64() * 1000.0, "delta encoded");
         cache.delta = Some((base, version, frame.clone()));
