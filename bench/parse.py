@@ -6,7 +6,7 @@ import sys
 tool, proxy = sys.argv[1], sys.argv[2]
 text = sys.stdin.read()
 out = {"proxy": proxy, "tool": tool, "ok": True, "errors": []}
-if len(sys.argv) > 3:  # the proxy's backend connections, counted with `ss` during the run
+if len(sys.argv) > 3 and sys.argv[3]:  # the proxy's backend connections, counted with `ss`
     out["backend_conns"] = int(sys.argv[3])
 
 
@@ -36,6 +36,10 @@ if tool == "bulk":
     m = re.search(r"Requests/sec:\s+([\d.]+)", text)
     out["rps"] = float(m.group(1)) if m else 0.0
     out["errors"] += wrk_errors(text)
+    if len(sys.argv) > 5 and out["mb_s"]:  # the proxy's CPU seconds over the run, and its length
+        gb = out["mb_s"] * float(sys.argv[5]) / 1000
+        cpu = float(sys.argv[4])
+        out["cpu_s_per_gb"] = cpu / gb if cpu > 0 and gb else None
 elif tool == "wrk":
     m = re.search(r"Requests/sec:\s+([\d.]+)", text)
     out["rps"] = float(m.group(1)) if m else 0.0

@@ -55,8 +55,13 @@ table = {}
 for workload, metrics in (("h1", [("rps", "{:.0f}"), ("p50_ms", "{:.2f}"), ("p99_ms", "{:.2f}")]),
                           ("h2", [("rps", "{:.0f}"), ("mean_ms", "{:.2f}")]),
                           ("h2up", [("rps", "{:.0f}"), ("mean_ms", "{:.2f}"), ("backend_conns", "{:.0f}")]),
-                          ("passthrough", [("mb_s", "{:.0f}")])):
-    for proxy in ("sluice", "nginx", "haproxy", "direct"):
+                          ("passthrough", [("mb_s", "{:.0f}"), ("cpu_s_per_gb", "{:.2f}")]),
+                          ("handshake_new", [("rps", "{:.0f}"), ("cpu_ms_per_handshake", "{:.3f}")]),
+                          ("handshake_resumed", [("rps", "{:.0f}"), ("cpu_ms_per_handshake", "{:.3f}")]),
+                          ("idle", [("kib_per_conn", "{:.1f}"), ("idle_conns", "{:.0f}")]),
+                          ("buffer", [("mb_s", "{:.0f}"), ("cpu_s_per_gb", "{:.2f}")]),
+                          ("pt_conns", [("rps", "{:.0f}"), ("cpu_ms_per_handshake", "{:.3f}")])):
+    for proxy in ("sluice", "nginx", "haproxy", "direct", "sluice-8k", "sluice-16k", "sluice-64k"):
         sums = {k: summary(proxy, workload, k) for k, _ in metrics}
         if all(v is None for v in sums.values()):
             continue
@@ -81,6 +86,11 @@ ratios = {
     "h2_backend_rps_vs_best": ratio("h2up", "rps"),
     "h2_backend_connections_vs_fewest": ratio("h2up", "backend_conns", higher_better=False),
     "passthrough_mb_s_vs_best": ratio("passthrough", "mb_s"),
+    "passthrough_cpu_per_gb_vs_best": ratio("passthrough", "cpu_s_per_gb", higher_better=False),
+    "handshake_cpu_vs_best": ratio("handshake_new", "cpu_ms_per_handshake", higher_better=False),
+    "resumed_handshake_cpu_vs_best": ratio("handshake_resumed", "cpu_ms_per_handshake", higher_better=False),
+    "idle_kib_per_conn_vs_best": ratio("idle", "kib_per_conn", higher_better=False),
+    "passthrough_conn_cpu_vs_best": ratio("pt_conns", "cpu_ms_per_handshake", higher_better=False),
 }
 
 md = ["# Benchmark results", "", f"Command: `{meta['command']}` at commit `{meta['commit']}`.", "",
@@ -93,24 +103,46 @@ md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "h1"]
 md += ["", "## Workload 2: HTTP/2 through TLS termination (h2load -c 64 -m 10)", "",
        "| proxy | requests/s | mean ms |", "|---|---|---|"]
 md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "h2"]
+md += ["", "## Workload 3: new TLS connections (full and resumed handshakes; a Python client, 4 threads, "
+       "on the load core: the rate may be client-bound, the proxy's CPU per handshake is not)", "",
+       "| proxy | full handshakes/s | CPU ms per full handshake | resumed/s | CPU ms per resumed |", "|---|---|---|---|---|"]
+hs = {p: c for w, p, c in rows if w == "handshake_new"}
+hr = {p: c for w, p, c in rows if w == "handshake_resumed"}
+md += [f"| {p} | {' | '.join(hs[p])} | {' | '.join(hr.get(p, ['-', '-']))} |" for p in hs]
 md += ["", "## Workload 4: many HTTP/2 clients to one backend (h2load -c 64 -m 10; Sluice `h2c` and HAProxy "
        "`proto h2` + `http-reuse always` to an h2c backend, NGINX 1.22 HTTP/1.1 keep-alive: it has no HTTP/2 "
        "upstream); backend connections counted with `ss` halfway through each run", "",
        "| proxy | requests/s | mean ms | backend connections |", "|---|---|---|---|"]
 md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "h2up"]
 md += ["", "## Workload 5: TLS passthrough by SNI, bulk download (wrk -c8, 64 MiB file from a TLS backend)", "",
-       "| proxy | MB/s |", "|---|---|"]
+       "| proxy | MB/s | proxy CPU s per GB |", "|---|---|---|"]
 md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "passthrough"]
+md += ["", "## Workload 5b: new passthrough connections (the TLS backend does the handshake; Python client, 4 threads)", "",
+       "| proxy | connections/s | proxy CPU ms per connection |", "|---|---|---|"]
+md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "pt_conns"]
+md += ["", "## Passthrough copy buffer size (Sluice only, workload 5 with 8, 16 and 64 KiB per direction)", "",
+       "| buffer | MB/s | proxy CPU s per GB |", "|---|---|---|"]
+md += [f"| {p.removeprefix('sluice-')} | {' | '.join(c)} |" for w, p, c in rows if w == "buffer"]
+md += ["", f"## Workload 6: memory per idle TLS connection (handshake done, no request; one run)", "",
+       "| proxy | RSS KiB per connection | connections |", "|---|---|---|"]
+md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "idle"]
 md += ["", "Sluice relative to the better of NGINX and HAProxy (requests/s: >1 is faster; p99: <1 is better):", ""]
 md += [f"- {k}: {v:.2f}" if v is not None else f"- {k}: n/a" for k, v in ratios.items()]
-md += ["", "## Control plane", "", "| benchmark | result |", "|---|---|"]
+md += ["", "## Control plane (workload 7: a change to effect)", "", "| benchmark | result |", "|---|---|"]
+reloads = {}
 for c in control:
+    if c["bench"] == "reload":
+        reloads.setdefault((c["proxy"], c["hosts"]), []).append(c["ms"])
+        continue
     if c["bench"] == "apply":
         md.append(f"| PUT /v1/config with {c['hosts']} hosts, {c['certificates']} certificates, {c['backends']} backends "
                   f"({c['document_bytes'] / 1e6:.1f} MB) | committed in {c['commit_ms']:.0f} ms; applied by the worker after {c['worker_applied_ms']:.0f} ms |")
     else:
         md.append(f"| write to every worker's Ack, {c['workers']} worker(s), {c['hosts']} hosts, {c['writes']} writes "
                   f"| p50 {c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms, max {c['max_ms']:.1f} ms (first write after the load, not counted: {c.get('first_ms', 0):.0f} ms); {c['bytes_per_push']} bytes per push |")
+for (proxy, hosts), ms in sorted(reloads.items()):
+    md.append(f"| {proxy}: rewrite the file and reload, {hosts} hosts, {len(ms)} changes | median {statistics.median(ms):.0f} ms "
+              f"(min {min(ms):.0f}, max {max(ms):.0f}) until traffic sees the change |")
 md.append("")
 open(out_prefix + ".md", "w").write("\n".join(md))
 json.dump({"meta": meta, "runs": runs, "control": control, "ratios": ratios}, open(out_prefix + ".json", "w"), indent=2)

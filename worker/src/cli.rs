@@ -43,6 +43,15 @@ pub struct WorkerArgs {
     /// On SIGTERM, how long open connections may take to finish, in milliseconds.
     #[arg(long, env = "SLUICE_DRAIN_MS", default_value_t = 10_000)]
     pub drain_ms: u64,
+    /// Per-direction copy buffer of passthrough connections, in KiB (bench/buffers compares
+    /// sizes; 16 KiB, one TLS record, measured best).
+    #[arg(
+        long,
+        env = "SLUICE_COPY_BUFFER_KIB",
+        default_value_t = 16,
+        hide = true
+    )]
+    pub copy_buffer_kib: usize,
     /// Fixed worker id (managed workers get theirs from the API) [default: kept in the state dir].
     #[arg(long, env = "SLUICE_WORKER_ID", hide = true)]
     pub worker_id: Option<Uuid>,

@@ -80,6 +80,7 @@ async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: SocketAddr, lo
                 &worker.health,
                 peer,
                 local,
+                worker.copy_buffer,
             )
             .await
             {

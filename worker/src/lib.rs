@@ -57,6 +57,8 @@ pub struct Worker {
     pub hello_timeout: std::time::Duration,
     /// How long an upstream may take to answer with headers (then 504).
     pub response_timeout: std::time::Duration,
+    /// Per-direction passthrough copy buffer, in bytes.
+    pub copy_buffer: usize,
     /// Health of every server as this worker sees it.
     pub health: Arc<health::Health>,
     /// Upstream HTTP/1.1 keep-alive connections.
@@ -230,6 +232,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         public_https_port: args.public_https_port,
         hello_timeout: std::time::Duration::from_millis(args.hello_timeout_ms),
         response_timeout: std::time::Duration::from_millis(args.response_timeout_ms),
+        copy_buffer: args.copy_buffer_kib * 1024,
         pool: Arc::new(pool::Pool::default()),
         h2pool: Arc::new(h2pool::H2Pool::new(metrics.h2_server_metrics())),
         health: Arc::new(health::Health::default()),

@@ -35,6 +35,7 @@ pub async fn forward(
     health: &crate::health::Health,
     peer: SocketAddr,
     local: SocketAddr,
+    buffer: usize,
 ) -> Result<copy::Moved, PassthroughError> {
     // The pick is held for the life of the stream: least_requests counts open connections.
     let (mut server, addr, _pick) = connect_with_pick(health, rt, host.backend_id).await?;
@@ -47,5 +48,5 @@ pub async fn forward(
     first.extend_from_slice(&peeked);
     server.write_all(&first).await?;
     tracing::debug!(%peer, server = %addr, host = %host.hostname, "passthrough connected");
-    Ok(copy::bidirectional(client, server, IDLE).await?)
+    Ok(copy::bidirectional(client, server, IDLE, buffer).await?)
 }

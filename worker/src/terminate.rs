@@ -473,7 +473,9 @@ fn wants_trailers(req: &Request<Incoming>) -> bool {
 
 /// An upstream connection ready for one request.
 enum Chosen {
-    H1(hyper::client::conn::http1::SendRequest<Watched>),
+    /// An HTTP/1.1 connection, and whether it was reused from the pool (one the server may
+    /// have closed just now).
+    H1(hyper::client::conn::http1::SendRequest<Watched>, bool),
     H2(crate::h2pool::Lease),
 }
 
@@ -486,12 +488,16 @@ struct Replay {
 }
 
 impl Replay {
-    fn of(req: &Request<Incoming>, upgrade: bool) -> Option<Replay> {
+    fn of(req: &Request<Option<Incoming>>, upgrade: bool) -> Option<Replay> {
         let idempotent = matches!(
             *req.method(),
             http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
         );
-        (idempotent && !upgrade && hyper::body::Body::is_end_stream(req.body())).then(|| Replay {
+        let no_body = req
+            .body()
+            .as_ref()
+            .is_none_or(hyper::body::Body::is_end_stream);
+        (idempotent && !upgrade && no_body).then(|| Replay {
             method: req.method().clone(),
             uri: req.uri().clone(),
             version: req.version(),
@@ -555,14 +561,14 @@ async fn choose<'a>(
                 .await
                 .map(|a| match a {
                     Acquired::H2(lease) => Chosen::H2(lease),
-                    Acquired::H1(sender) => Chosen::H1(sender),
+                    Acquired::H1(sender) => Chosen::H1(sender, false),
                 })
         } else {
             match pool.checkout(&key).filter(|_| !route.upgrade) {
-                Some(sender) => Ok(Chosen::H1(sender)),
+                Some(sender) => Ok(Chosen::H1(sender, true)),
                 None => open(server, tls.map(|(u, t)| (&u.config, t)))
                     .await
-                    .map(Chosen::H1),
+                    .map(|sender| Chosen::H1(sender, false)),
             }
         };
         match attempt {
@@ -627,13 +633,18 @@ async fn proxy(
             || (backend.protocol == Protocol::Https && upgrade.is_none()),
         upgrade: upgrade.is_some(),
     };
-    let replay = Replay::of(&req, upgrade.is_some());
     let mut req = req.map(Some);
     let mut replayed = false;
     loop {
         let (chosen, key, server, _pick) = choose(conn, &route).await?;
+        // Only a reused keep-alive connection can turn out closed under a request; the head is
+        // copied for that case alone, so fresh connections cost nothing extra.
+        let replay = match &chosen {
+            Chosen::H1(_, true) if !replayed => Replay::of(&req, upgrade.is_some()),
+            _ => None,
+        };
         let result = match chosen {
-            Chosen::H1(sender) => {
+            Chosen::H1(sender, _) => {
                 exchange_h1(conn, req, upgrade.clone(), sender, key.clone()).await
             }
             Chosen::H2(lease) => {
@@ -658,8 +669,8 @@ async fn proxy(
                 .await
             }
         };
-        match (result, &replay) {
-            (Err(ProxyError::Reset { server, reason }), Some(head)) if !replayed => {
+        match (result, replay) {
+            (Err(ProxyError::Reset { server, reason }), Some(head)) => {
                 tracing::debug!(%server, %reason, "upstream connection failed before answering; sending the request again");
                 // Other idle connections to it are likely stale too.
                 conn.worker.pool.purge(&key);
