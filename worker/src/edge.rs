@@ -72,17 +72,7 @@ async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: SocketAddr, lo
     match host.mode {
         Mode::Passthrough => {
             worker.metrics.passthrough_started();
-            match crate::passthrough::forward(
-                stream,
-                peeked,
-                host,
-                &rt,
-                &worker.health,
-                peer,
-                local,
-                worker.copy_buffer,
-            )
-            .await
+            match crate::passthrough::forward(stream, peeked, host, &rt, &worker, peer, local).await
             {
                 Ok(moved) => {
                     tracing::debug!(%peer, host = %host.hostname, ?moved, "passthrough done")

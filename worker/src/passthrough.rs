@@ -32,11 +32,11 @@ pub async fn forward(
     peeked: Vec<u8>,
     host: &Host,
     rt: &Arc<Runtime>,
-    health: &crate::health::Health,
+    worker: &crate::Worker,
     peer: SocketAddr,
     local: SocketAddr,
-    buffer: usize,
 ) -> Result<copy::Moved, PassthroughError> {
+    let health = &worker.health;
     // The pick is held for the life of the stream: least_requests counts open connections.
     let (mut server, addr, _pick) = connect_with_pick(health, rt, host.backend_id).await?;
     let header = match host.proxy_protocol {
@@ -48,5 +48,5 @@ pub async fn forward(
     first.extend_from_slice(&peeked);
     server.write_all(&first).await?;
     tracing::debug!(%peer, server = %addr, host = %host.hostname, "passthrough connected");
-    Ok(copy::bidirectional(client, server, IDLE, buffer).await?)
+    Ok(copy::bidirectional(client, server, IDLE, worker.copy_buffer).await?)
 }
