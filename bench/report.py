@@ -37,6 +37,8 @@ def summary(proxy, workload, key):
         return None
     failed = [r for r in rs if not r["ok"]]
     vals = [r[key] for r in rs if r.get(key) is not None]
+    if not failed and not vals:
+        return None  # not measured for this proxy (like CPU for the direct baseline)
     if failed or not vals:
         return {"failed": True, "errors": sorted({e for r in failed for e in r["errors"]})}
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "failed": False}
@@ -63,6 +65,8 @@ for workload, metrics in (("h1", [("rps", "{:.0f}"), ("p50_ms", "{:.2f}"), ("p99
                           ("pt_conns", [("rps", "{:.0f}"), ("cpu_ms_per_handshake", "{:.3f}")])):
     for proxy in ("sluice", "nginx", "haproxy", "direct", "sluice-8k", "sluice-16k", "sluice-64k"):
         sums = {k: summary(proxy, workload, k) for k, _ in metrics}
+        if not any(r["proxy"] == proxy and r["workload"] == workload for r in runs):
+            continue
         if all(v is None for v in sums.values()):
             continue
         table[(workload, proxy)] = sums
