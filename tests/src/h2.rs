@@ -134,25 +134,10 @@ impl H2Backend {
         let addr = listener.local_addr().expect("addr");
         let counts = Arc::new(H2Counts::default());
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let acceptor = options.tls.as_ref().map(|(chain, key)| {
-            use rustls::pki_types::pem::PemObject;
-            use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-            let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(chain.as_bytes())
-                    .collect::<Result<_, _>>()
-                    .expect("chain");
-            let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
-            let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .expect("server config");
-            config.alpn_protocols = vec![b"h2".to_vec()];
-            tokio_rustls::TlsAcceptor::from(Arc::new(config))
-        });
+        let acceptor = options
+            .tls
+            .as_ref()
+            .map(|(chain, key)| crate::net::tls_acceptor(chain, key, &[b"h2"]));
         let (c, s, name) = (counts.clone(), seen.clone(), name.to_owned());
         let task = tokio::spawn(async move {
             loop {

@@ -351,22 +351,7 @@ impl TlsBackend {
         proxy_protocol: bool,
         alpn: &[&[u8]],
     ) -> TlsBackend {
-        use rustls::pki_types::pem::PemObject;
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-                .collect::<Result<_, _>>()
-                .expect("chain");
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("server config");
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = tls_acceptor(chain_pem, key_pem, alpn);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let proxy_lines = Arc::new(Mutex::new(Vec::new()));
@@ -419,6 +404,25 @@ impl TlsBackend {
             task,
         }
     }
+}
+
+/// A TLS acceptor for a backend holding its own certificate, offering these ALPN protocols.
+pub fn tls_acceptor(chain_pem: &str, key_pem: &str, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .expect("chain");
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .expect("server config");
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 /// A TLS connection to `addr` with SNI `sni`, trusting `root`, offering `alpn`.

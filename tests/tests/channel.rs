@@ -102,8 +102,10 @@ async fn workers_outlive_the_api_and_serve_from_their_state_dir() {
     let (ca, _backend) = passthrough_app(&api).await;
     let v = api.version().await;
     api.wait_applied(2, v).await;
-    // Workers already on the previous version got each change as a delta (and journaled it:
-    // the restart below replays the journal).
+    // Workers settled on a version get the next change as a delta (and journal it: the
+    // restart below replays the journal).
+    let v = create_backend(&api, "extra").await;
+    api.wait_applied(2, v).await;
     let metrics = w1.http.get("/metrics").await.1;
     let deltas: u64 = metrics
         .as_str()

@@ -65,6 +65,24 @@ async fn subscribe(api: &Api) -> Received {
     received
 }
 
+/// An API (fast heartbeats) and one worker that drains quickly on SIGTERM.
+fn start() -> (tempfile::TempDir, Api, Worker) {
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(
+        &dir.path().join("api"),
+        "127.0.0.1:0",
+        &["--workers", "0", "--heartbeat-ms", "200"],
+    );
+    let worker = Worker::start_with(
+        &api.url(),
+        &dir.path().join("w"),
+        "edge-1",
+        WORKER_TOKEN,
+        &[("SLUICE_DRAIN_MS", "500")],
+    );
+    (dir, api, worker)
+}
+
 /// The worker's own verdict on a server.
 async fn verdict(worker: &Worker, server: &str) -> Value {
     worker.http.get("/health").await.1[server].clone()
@@ -83,19 +101,7 @@ async fn wait_verdict(worker: &Worker, server: &str, want: &str, within: Duratio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_is_routed_around_shown_down_and_back_up_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let api = Api::start(
-        &dir.path().join("api"),
-        "127.0.0.1:0",
-        &["--workers", "0", "--heartbeat-ms", "200"],
-    );
-    let worker = Worker::start_with(
-        &api.url(),
-        &dir.path().join("w"),
-        "edge-1",
-        WORKER_TOKEN,
-        &[("SLUICE_DRAIN_MS", "500")],
-    );
+    let (_dir, api, worker) = start();
     let events = subscribe(&api).await;
     let ca = TestCa::new();
     let (chain, key) = ca.leaf(&["redmine.beerme"]);
@@ -246,15 +252,7 @@ async fn a_killed_server_is_routed_around_shown_down_and_back_up_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disabled_server_finishes_its_in_flight_request_and_gets_no_new_ones() {
-    let dir = tempfile::tempdir().unwrap();
-    let api = Api::start(&dir.path().join("api"), "127.0.0.1:0", &["--workers", "0"]);
-    let worker = Worker::start_with(
-        &api.url(),
-        &dir.path().join("w"),
-        "edge-1",
-        WORKER_TOKEN,
-        &[("SLUICE_DRAIN_MS", "500")],
-    );
+    let (_dir, api, worker) = start();
     let ca = TestCa::new();
     let (chain, key) = ca.leaf(&["redmine.beerme"]);
     post(
@@ -365,19 +363,7 @@ async fn a_disabled_server_finishes_its_in_flight_request_and_gets_no_new_ones()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_checks_show_the_certificate_and_warn_when_it_does_not_cover_the_host() {
-    let dir = tempfile::tempdir().unwrap();
-    let api = Api::start(
-        &dir.path().join("api"),
-        "127.0.0.1:0",
-        &["--workers", "0", "--heartbeat-ms", "200"],
-    );
-    let worker = Worker::start_with(
-        &api.url(),
-        &dir.path().join("w"),
-        "edge-1",
-        WORKER_TOKEN,
-        &[("SLUICE_DRAIN_MS", "500")],
-    );
+    let (_dir, api, worker) = start();
     let ca = TestCa::new();
     let (good_chain, good_key) = ca.leaf(&["odoo.beerme"]);
     let (bad_chain, bad_key) = ca.leaf(&["intranet.example"]);
