@@ -878,3 +878,52 @@ async fn a_client_too_slow_with_its_hello_or_not_speaking_tls_is_closed() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_body_shorter_than_its_content_length_never_completes_upstream() {
+    let s = seed().await;
+    let uploaded_before: u64 = s
+        .redmine
+        .iter()
+        .map(|b| b.uploaded.load(Ordering::SeqCst))
+        .sum();
+    let tls = tls_connect(s.worker.https, "redmine.beerme", s.ca.der(), &[b"h2"])
+        .await
+        .unwrap();
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post("https://redmine.beerme/upload")
+        .header("content-length", "100")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(req, false).unwrap();
+    // 10 bytes, then END_STREAM: 90 short of what the header promised.
+    body.send_data(bytes::Bytes::from_static(b"0123456789"), true)
+        .unwrap();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), response)
+        .await
+        .expect("an answer or a reset, not a hang");
+    eprintln!(
+        "short body answered with: {:?}",
+        answer.as_ref().map(|r| r.status())
+    );
+    match answer {
+        Ok(resp) => assert_ne!(
+            resp.status(),
+            200,
+            "a short body is not answered as complete"
+        ),
+        Err(e) => assert!(e.is_reset() || e.is_go_away(), "{e}"),
+    }
+    // The backend never read a complete 100-byte body (HTTP/1.1 framing tells it the request
+    // was cut short), and the worker still serves.
+    let uploaded: u64 = s
+        .redmine
+        .iter()
+        .map(|b| b.uploaded.load(Ordering::SeqCst))
+        .sum();
+    assert!(uploaded - uploaded_before < 100, "uploaded {uploaded}");
+    let mut h2c = s.h2("redmine.beerme").await;
+    assert_eq!(h2c.get("redmine.beerme", "/", &[]).await.status, 200);
+}
