@@ -1,11 +1,15 @@
 //! Keep-alive pool of HTTP/1.1 upstream connections, per server address.
 //!
-//! A connection goes back to the pool when its response body has been read to the end (the
-//! [`Returning`] body does that), so only idle, ready connections are ever handed out. The pool
+//! A connection goes back to the pool once its response body has been read to the end (the
+//! [`Returning`] body does that) and hyper says it is ready for the next request; a connection
+//! that is not ready yet (its dispatcher has not seen the end, or the client is still uploading)
+//! is waited for by a small task, off the request path, the way hyper-util's client does it.
+//! So only idle, ready connections are in the pool and both check-in and check-out are O(1):
+//! the newest connection is handed out first (the warmest), the oldest expire first. The pool
 //! belongs to the worker, not to a snapshot, so connections to unchanged servers survive a
 //! configuration switch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -18,7 +22,7 @@ use hyper::client::conn::http1::SendRequest;
 
 /// How long an idle upstream connection is kept.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Idle connections kept per server.
+/// Idle connections kept per server; beyond it the oldest is closed.
 pub const MAX_IDLE_PER_SERVER: usize = 512;
 
 /// What identifies interchangeable connections: the server address and every TLS setting.
@@ -40,7 +44,8 @@ struct Idle {
 /// The pool.
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
+    /// Per server, idle connections oldest first.
+    idle: Mutex<HashMap<PoolKey, VecDeque<Idle>>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -50,45 +55,59 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// An idle, ready connection to `key`, if there is one.
+    /// The newest idle, ready connection to `key`, if there is one.
     pub fn checkout(&self, key: &PoolKey) -> Option<SendRequest<UpBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(key)?;
-        let mut busy = Vec::new();
-        let mut found = None;
-        while let Some(mut c) = list.pop() {
-            if c.sender.is_closed() || c.since.elapsed() >= IDLE_TIMEOUT {
-                continue;
+        while let Some(c) = list.pop_back() {
+            // Everything older is older still: expired too.
+            if c.since.elapsed() >= IDLE_TIMEOUT {
+                list.clear();
+                break;
             }
-            // A connection whose last response just ended may not have noticed yet: poll it
-            // once; if it is still busy, keep it for later instead of dropping it.
-            match c.sender.ready().now_or_never() {
-                Some(Ok(())) => {
-                    found = Some(c.sender);
-                    break;
-                }
-                Some(Err(_)) => {}
-                None => busy.push(c),
+            // Closed by the server while idle, or closing: skip it.
+            if c.sender.is_ready() {
+                return Some(c.sender);
             }
         }
-        list.extend(busy);
-        found
+        None
     }
 
-    /// Give a connection back after its exchange finished.
-    pub fn checkin(&self, key: PoolKey, sender: SendRequest<UpBody>) {
-        if sender.is_closed() {
-            return;
+    /// Give a connection back after its exchange finished: into the pool if it is ready for
+    /// another request, else once it is (a task waits; a connection that closes instead is
+    /// dropped).
+    pub fn checkin(self: &Arc<Self>, key: PoolKey, mut sender: SendRequest<UpBody>) {
+        match sender.ready().now_or_never() {
+            Some(Ok(())) => self.insert(key, sender),
+            Some(Err(_)) => {}
+            None => {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                let pool = self.clone();
+                runtime.spawn(async move {
+                    if sender.ready().await.is_ok() {
+                        pool.insert(key, sender);
+                    }
+                });
+            }
         }
+    }
+
+    fn insert(&self, key: PoolKey, sender: SendRequest<UpBody>) {
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(key).or_default();
-        list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT);
-        if list.len() < MAX_IDLE_PER_SERVER {
-            list.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+        while list
+            .front()
+            .is_some_and(|c| now.duration_since(c.since) >= IDLE_TIMEOUT)
+        {
+            list.pop_front();
         }
+        if list.len() >= MAX_IDLE_PER_SERVER {
+            list.pop_front();
+        }
+        list.push_back(Idle { sender, since: now });
     }
 
     /// Drop every idle connection to `key` (one just failed: the others are suspect).
@@ -105,7 +124,7 @@ impl Pool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .map(Vec::len)
+            .map(VecDeque::len)
             .sum()
     }
 }
@@ -174,5 +193,121 @@ impl Body for Returning {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
+
+    /// The body every answer carries: larger than the socket and hyper buffers, so a response
+    /// is only over once its body has been read.
+    const BODY: usize = 1 << 20;
+
+    /// A client connection to an in-process server that names its connection in every answer
+    /// (header `conn`), closing it after the answer when `close`.
+    async fn connect(close: bool) -> SendRequest<UpBody> {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed).to_string();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |_req| {
+                let mut resp = hyper::Response::new(Full::new(Bytes::from(vec![7u8; BODY])));
+                resp.headers_mut()
+                    .insert("conn", id.parse().expect("header value"));
+                if close {
+                    resp.headers_mut()
+                        .insert("connection", "close".parse().expect("header value"));
+                }
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server), service)
+                .await;
+        });
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        sender
+    }
+
+    fn key() -> PoolKey {
+        PoolKey {
+            address: "127.0.0.1:1".into(),
+            tls: None,
+        }
+    }
+
+    /// Send one request; the connection's id and the response body, unread.
+    async fn ask(sender: &mut SendRequest<UpBody>) -> (String, Incoming) {
+        let (body, _sent) = crate::terminate::Watched::new(None);
+        let resp = sender
+            .send_request(hyper::Request::new(body))
+            .await
+            .expect("response");
+        let id = resp.headers()["conn"].to_str().expect("id").to_owned();
+        (id, resp.into_body())
+    }
+
+    async fn until(what: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !what() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("condition reached");
+    }
+
+    #[tokio::test]
+    async fn newest_connection_first_then_older_then_none() {
+        let pool = Arc::new(Pool::default());
+        let mut a = connect(false).await;
+        let mut b = connect(false).await;
+        let (id_a, body_a) = ask(&mut a).await;
+        let (id_b, body_b) = ask(&mut b).await;
+        body_a.collect().await.expect("body");
+        body_b.collect().await.expect("body");
+        pool.checkin(key(), a);
+        pool.checkin(key(), b);
+        until(|| pool.idle_count() == 2).await;
+        let mut first = pool.checkout(&key()).expect("a connection");
+        assert_eq!(ask(&mut first).await.0, id_b);
+        let mut second = pool.checkout(&key()).expect("another connection");
+        assert_eq!(ask(&mut second).await.0, id_a);
+        assert!(pool.checkout(&key()).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_connection_mid_response_joins_once_its_body_is_read() {
+        let pool = Arc::new(Pool::default());
+        let mut sender = connect(false).await;
+        let (_, body) = ask(&mut sender).await;
+        pool.checkin(key(), sender);
+        // Not ready while its response is unread: not handed out.
+        assert!(pool.checkout(&key()).is_none());
+        assert_eq!(body.collect().await.expect("body").to_bytes().len(), BODY);
+        until(|| pool.idle_count() == 1).await;
+        assert!(pool.checkout(&key()).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closes_is_not_kept() {
+        let pool = Arc::new(Pool::default());
+        let mut sender = connect(true).await;
+        let (_, body) = ask(&mut sender).await;
+        body.collect().await.expect("body");
+        pool.checkin(key(), sender);
+        // The waiting task ends without putting it back; nothing is ever handed out.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(pool.idle_count(), 0);
+        assert!(pool.checkout(&key()).is_none());
     }
 }

@@ -183,7 +183,7 @@ pub struct Watched {
 }
 
 impl Watched {
-    fn new(inner: Option<Incoming>) -> (Watched, tokio::sync::oneshot::Receiver<()>) {
+    pub(crate) fn new(inner: Option<Incoming>) -> (Watched, tokio::sync::oneshot::Receiver<()>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut w = Watched {
             inner,
