@@ -47,6 +47,7 @@ async fn seed() -> Seed {
         &[
             ("SLUICE_RESPONSE_TIMEOUT_MS", "1500"),
             ("SLUICE_HELLO_TIMEOUT_MS", "500"),
+            ("SLUICE_HEADER_TIMEOUT_MS", "1500"),
         ],
     );
     let ca = TestCa::new();
@@ -877,6 +878,46 @@ async fn a_client_too_slow_with_its_hello_or_not_speaking_tls_is_closed() {
         metrics.contains(r#"sluice_worker_connections_closed_total{reason="NotTls"} 1"#),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_idle_after_its_handshake_is_served_when_it_speaks_and_closed_if_it_never_does(
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = seed().await;
+    // Both handshake and then wait; the worker has set up no HTTP state for them yet.
+    let mut silent = tls_connect(s.worker.https, "redmine.beerme", s.ca.der(), &[b"http/1.1"])
+        .await
+        .unwrap();
+    let late = tls_connect(s.worker.https, "redmine.beerme", s.ca.der(), &[b"http/1.1"])
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    // One speaks up after a while (within the 1.5 s header timeout) and is answered.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let mut late = H1::new(late).await;
+    let reply = late.get("redmine.beerme", "/late", &[]).await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        s.redmine
+            .iter()
+            .any(|b| b.requests().iter().any(|r| r.path == "/late")),
+        "the request reached a backend"
+    );
+    // The other never does: closed once the header timeout has passed, without an answer.
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(1400));
+    // Writing to it now fails or is never answered: the connection is gone.
+    let _ = silent
+        .write_all(b"GET / HTTP/1.1\r\nHost: redmine.beerme\r\n\r\n")
+        .await;
+    let n = silent.read(&mut buf).await.unwrap_or(0);
+    assert_eq!(n, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

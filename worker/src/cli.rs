@@ -40,6 +40,11 @@ pub struct WorkerArgs {
     /// `tcp-request inspect-delay`); slower connections are closed.
     #[arg(long, env = "SLUICE_HELLO_TIMEOUT_MS", default_value_t = 5_000)]
     pub hello_timeout_ms: u64,
+    /// How long a client may take to send a request's headers, in milliseconds, the first one
+    /// counted from the end of the TLS handshake (NGINX's `client_header_timeout`); slower
+    /// connections are closed.
+    #[arg(long, env = "SLUICE_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
     /// On SIGTERM, how long open connections may take to finish, in milliseconds.
     #[arg(long, env = "SLUICE_DRAIN_MS", default_value_t = 10_000)]
     pub drain_ms: u64,

@@ -55,6 +55,8 @@ pub struct Worker {
     pub public_https_port: Option<u16>,
     /// How long a client may take to send its ClientHello.
     pub hello_timeout: std::time::Duration,
+    /// See `--header-timeout-ms`.
+    pub header_timeout: std::time::Duration,
     /// How long an upstream may take to answer with headers (then 504).
     pub response_timeout: std::time::Duration,
     /// Per-direction passthrough copy buffer, in bytes.
@@ -231,6 +233,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         https_addr: args.https,
         public_https_port: args.public_https_port,
         hello_timeout: std::time::Duration::from_millis(args.hello_timeout_ms),
+        header_timeout: std::time::Duration::from_millis(args.header_timeout_ms),
         response_timeout: std::time::Duration::from_millis(args.response_timeout_ms),
         copy_buffer: args.copy_buffer_kib * 1024,
         pool: Arc::new(pool::Pool::default()),

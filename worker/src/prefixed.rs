@@ -24,6 +24,11 @@ impl Prefixed {
             inner,
         }
     }
+
+    /// The socket underneath.
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.inner
+    }
 }
 
 impl AsyncRead for Prefixed {

@@ -35,8 +35,6 @@ use crate::Worker;
 
 /// Time allowed for the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed for a client to send a request's headers.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for the upstream to answer with headers.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -122,7 +120,7 @@ pub async fn serve(
         return;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let tls = match tokio::time::timeout(
+    let mut tls = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         acceptor.accept(Prefixed::new(peeked, stream)),
     )
@@ -140,6 +138,11 @@ pub async fn serve(
         }
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    // An idle connection (a browser's preconnect) costs only its TLS state until its first
+    // request: hyper's buffers (8 KiB each way) and request state are set up when bytes arrive.
+    if !first_bytes_arrived(&mut tls, worker.header_timeout).await {
+        return;
+    }
     let conn = Arc::new(Conn {
         public_port: worker.public_https_port.unwrap_or(local.port()),
         worker: worker.clone(),
@@ -147,9 +150,12 @@ pub async fn serve(
         certificate,
         peer,
     });
+    // Boxed: hyper keeps a slot for the in-flight request's future for the whole connection;
+    // a pointer there instead of the whole state machine (several KiB) keeps idle keep-alive
+    // connections small.
     let service = service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle(conn, req).await) }
+        Box::pin(async move { Ok::<_, Infallible>(handle(conn, req).await) })
     });
     let io = TokioIo::new(tls);
     let result = if h2 {
@@ -162,7 +168,7 @@ pub async fn serve(
     } else {
         hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(worker.header_timeout)
             .max_buf_size(MAX_HEADERS)
             .keep_alive(true)
             .serve_connection(io, service)
@@ -171,6 +177,25 @@ pub async fn serve(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}
+
+/// Wait, within the header read timeout, until the client has sent something after the
+/// handshake: plaintext already decrypted along with the handshake's last flight, or new bytes on
+/// the socket (a stale readiness only starts hyper early). False: nothing came, or the TLS
+/// stream is broken; the connection is closed.
+async fn first_bytes_arrived(
+    tls: &mut tokio_rustls::server::TlsStream<Prefixed>,
+    timeout: Duration,
+) -> bool {
+    let (socket, session) = tls.get_mut();
+    match session.process_new_packets() {
+        Ok(state) if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() => true,
+        Ok(_) => matches!(
+            tokio::time::timeout(timeout, socket.get_ref().readable()).await,
+            Ok(Ok(()))
+        ),
+        Err(_) => false,
     }
 }
 
