@@ -296,7 +296,7 @@ impl H2Pool {
         if let Some((at, reason)) = &*server.failed.lock().unwrap_or_else(|e| e.into_inner()) {
             if *at >= queued_at {
                 return Err(UpstreamError::Connect {
-                    server: key.address.clone(),
+                    server: key.address.to_string(),
                     reason: reason.clone(),
                 });
             }
@@ -320,7 +320,7 @@ impl H2Pool {
             *server.failed.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some((Instant::now(), reason.clone()));
             UpstreamError::Connect {
-                server: key.address.clone(),
+                server: key.address.to_string(),
                 reason,
             }
         })?;
@@ -340,9 +340,9 @@ impl H2Pool {
             if s.connections_opened == 0 {
                 continue;
             }
-            match out.get_mut(&key.address) {
+            match out.get_mut(&*key.address) {
                 None => {
-                    out.insert(key.address.clone(), s);
+                    out.insert(key.address.to_string(), s);
                 }
                 Some(sum) => {
                     sum.connections += s.connections;

@@ -26,11 +26,12 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_IDLE_PER_SERVER: usize = 512;
 
 /// What identifies interchangeable connections: the server address and every TLS setting.
+/// Made once per server when a snapshot is built; cloning it per request only counts references.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
-    pub address: String,
+    pub address: Arc<str>,
     /// `None` for cleartext; for TLS: SNI, verify flag and CA bundle hash.
-    pub tls: Option<(String, bool, String)>,
+    pub tls: Option<Arc<(String, bool, String)>>,
 }
 
 /// The body type of upstream requests.
@@ -238,7 +239,7 @@ mod tests {
 
     fn key() -> PoolKey {
         PoolKey {
-            address: "127.0.0.1:1".into(),
+            address: Arc::from("127.0.0.1:1"),
             tls: None,
         }
     }

@@ -18,6 +18,7 @@ use sluice_shared::{Backend, Config, ConfigVersion, Host, Snapshot};
 use uuid::Uuid;
 
 use crate::balance::Balancer;
+use crate::pool::PoolKey;
 
 /// Why a snapshot cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +83,8 @@ pub struct Runtime {
     pub server_configs: HashMap<Uuid, Arc<rustls::ServerConfig>>,
     /// rustls client configuration per `https` backend.
     pub upstream_tls: HashMap<Uuid, crate::upstream_tls::Upstream>,
+    /// Connection pool key of every server, by backend id and server index.
+    pool_keys: HashMap<Uuid, Vec<PoolKey>>,
 }
 
 impl Runtime {
@@ -97,6 +100,11 @@ impl Runtime {
     /// A backend by id (an index lookup: this is on every request's path).
     pub fn backend(&self, id: Uuid) -> Option<&Backend> {
         self.balancers.get(&id).map(|(b, _)| b)
+    }
+
+    /// The connection pool keys of a backend's servers, by index.
+    pub fn pool_keys(&self, backend: Uuid) -> &[PoolKey] {
+        self.pool_keys.get(&backend).map_or(&[], Vec::as_slice)
     }
 
     /// The balancer of a backend.
@@ -269,7 +277,20 @@ pub fn build(
         };
         upstream_tls.insert(b.id, client);
     }
+    let pool_keys = config
+        .backends
+        .iter()
+        .map(|b| {
+            let keys = b
+                .servers
+                .iter()
+                .map(|server| pool_key(b, server, upstream_tls.get(&b.id)))
+                .collect();
+            (b.id, keys)
+        })
+        .collect();
     Ok(Runtime {
+        pool_keys,
         upstream_tls,
         server_configs,
         balancers,
@@ -308,3 +329,23 @@ impl Current {
 
 #[cfg(test)]
 mod tests;
+
+/// What makes connections to `server` of `backend` interchangeable: its address and, for TLS,
+/// the name sent and verified, whether it is verified, and against which CA bundle.
+fn pool_key(
+    backend: &sluice_shared::Backend,
+    server: &sluice_shared::Server,
+    tls: Option<&crate::upstream_tls::Upstream>,
+) -> PoolKey {
+    PoolKey {
+        address: Arc::from(server.address.to_string()),
+        tls: tls.map(|upstream| {
+            let settings = backend.tls.clone().unwrap_or_default();
+            let sni = settings
+                .server_name
+                .as_ref()
+                .map_or_else(|| server.address.host_str(), |n| n.to_string());
+            Arc::new((sni, settings.verify, upstream.ca_sha256.clone()))
+        }),
+    }
+}

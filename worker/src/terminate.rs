@@ -300,7 +300,6 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
             None,
         ),
         Some(host) => {
-            let host = host.clone();
             let upgrade = upgrade_of(&req);
             let te_trailers = wants_trailers(&req);
             forward_request(
@@ -312,7 +311,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
                     rules: &host.request_headers,
                 },
             );
-            match proxy(&conn, &rt, &host, req, upgrade, te_trailers).await {
+            match proxy(&conn, &rt, host, req, upgrade, te_trailers).await {
                 Ok((resp, server)) => (resp, Some(server)),
                 Err(e) => {
                     let answer = (e.response(), e.server());
@@ -343,13 +342,13 @@ enum ProxyError {
     #[error("{0}")]
     Upstream(UpstreamError),
     #[error("upstream {server}: {reason}")]
-    Exchange { server: String, reason: String },
+    Exchange { server: Arc<str>, reason: String },
     /// The connection failed before any response: an idempotent request without a body may be
     /// sent again.
     #[error("upstream {server}: {reason}")]
-    Reset { server: String, reason: String },
+    Reset { server: Arc<str>, reason: String },
     #[error("upstream {server} did not answer in time")]
-    Timeout { server: String },
+    Timeout { server: Arc<str> },
     #[error("backend protocol {0} is not served yet")]
     Unsupported(&'static str),
 }
@@ -370,12 +369,14 @@ impl ProxyError {
         }
     }
 
-    fn server(&self) -> Option<String> {
+    fn server(&self) -> Option<Arc<str>> {
         match self {
             ProxyError::Exchange { server, .. }
             | ProxyError::Reset { server, .. }
             | ProxyError::Timeout { server } => Some(server.clone()),
-            ProxyError::Upstream(UpstreamError::Connect { server, .. }) => Some(server.clone()),
+            ProxyError::Upstream(UpstreamError::Connect { server, .. }) => {
+                Some(Arc::from(server.as_str()))
+            }
             _ => None,
         }
     }
@@ -549,6 +550,8 @@ struct Route<'a> {
     multiplexed: bool,
     /// A protocol upgrade needs a fresh HTTP/1.1 connection of its own.
     upgrade: bool,
+    /// The pool key of each server, by index.
+    keys: &'a [PoolKey],
 }
 
 /// The balancer's choice: a pooled connection to it, else a new one; a failed connect is
@@ -570,16 +573,11 @@ async fn choose<'a>(
             break;
         };
         let server = &backend.servers[pick.index];
-        let key = PoolKey {
-            address: server.address.to_string(),
-            tls: tls.map(|(u, t)| {
-                let sni = t
-                    .server_name
-                    .as_ref()
-                    .map_or_else(|| server.address.host_str(), |n| n.to_string());
-                (sni, t.verify, u.ca_sha256.clone())
-            }),
-        };
+        let key = route
+            .keys
+            .get(pick.index)
+            .cloned()
+            .ok_or(ProxyError::Upstream(UpstreamError::NoBackend(backend.id)))?;
         let attempt = if route.multiplexed && !h2pool.is_h1_only(&key) {
             h2pool
                 .acquire(&key, || open_h2(server, tls))
@@ -628,7 +626,7 @@ async fn proxy(
     req: Request<Incoming>,
     upgrade: Option<HeaderValue>,
     te_trailers: bool,
-) -> Result<(Response<ResBody>, String), ProxyError> {
+) -> Result<(Response<ResBody>, Arc<str>), ProxyError> {
     let backend =
         rt.backend(host.backend_id)
             .ok_or(ProxyError::Upstream(UpstreamError::NoBackend(
@@ -657,6 +655,7 @@ async fn proxy(
         multiplexed: backend.protocol == Protocol::H2c
             || (backend.protocol == Protocol::Https && upgrade.is_none()),
         upgrade: upgrade.is_some(),
+        keys: rt.pool_keys(backend.id),
     };
     let mut req = req.map(Some);
     let mut replayed = false;
@@ -714,7 +713,7 @@ async fn exchange_h1(
     upgrade: Option<HeaderValue>,
     mut sender: hyper::client::conn::http1::SendRequest<Watched>,
     key: PoolKey,
-) -> Result<(Response<ResBody>, String), ProxyError> {
+) -> Result<(Response<ResBody>, Arc<str>), ProxyError> {
     let server = key.address.clone();
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -801,8 +800,8 @@ async fn exchange_h2<R, F>(
     reopen: R,
     scheme: &'static str,
     te_trailers: bool,
-    server: String,
-) -> Result<(Response<ResBody>, String), ProxyError>
+    server: Arc<str>,
+) -> Result<(Response<ResBody>, Arc<str>), ProxyError>
 where
     R: Fn() -> F,
     F: std::future::Future<Output = Result<crate::h2pool::Lease, String>>,
@@ -813,7 +812,7 @@ where
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(str::to_owned)
-        .unwrap_or_else(|| server.clone());
+        .unwrap_or_else(|| server.to_string());
     let head = crate::upstream_h2::Head::new(&mut parts, scheme, &authority, te_trailers).map_err(
         |reason| ProxyError::Exchange {
             server: server.clone(),
