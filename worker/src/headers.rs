@@ -5,38 +5,50 @@
 
 use std::net::IpAddr;
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, FORWARDED, HOST, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
+};
 use sluice_shared::RequestHeaders;
 
-/// Headers that describe one connection, not the message (RFC 9110 7.6.1), plus
-/// `proxy-connection`.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Client-supplied forwarding headers that are never passed on.
-const UNTRUSTED: &[&str] = &["forwarded", "x-real-ip"];
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1), plus
+/// `proxy-connection`. (Names made once: this runs on every request and response.)
+fn hop_by_hop() -> [&'static HeaderName; 7] {
+    [
+        &CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &TE,
+        &TRAILER,
+        &TRANSFER_ENCODING,
+        &UPGRADE,
+    ]
+}
 
 /// Remove hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().to_ascii_lowercase().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    if headers.contains_key(CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().to_ascii_lowercase().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in hop_by_hop() {
+        headers.remove(name);
     }
 }
 
@@ -54,25 +66,30 @@ pub struct Forwarding<'a> {
 /// Rewrite request headers for the upstream (see the module docs).
 pub fn forward_request(headers: &mut HeaderMap, f: &Forwarding<'_>) {
     strip_hop_by_hop(headers);
-    for name in UNTRUSTED {
-        headers.remove(*name);
+    // Client-supplied forwarding headers that are never passed on.
+    headers.remove(FORWARDED);
+    headers.remove(&X_REAL_IP);
+    let client = f.client.to_string();
+    let xff = if headers.contains_key(&X_FORWARDED_FOR) {
+        let mut earlier: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect();
+        earlier.push(&client);
+        earlier.join(", ")
+    } else {
+        client
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    let mut xff: Vec<String> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
-        .collect();
-    xff.push(f.client.to_string());
-    headers.remove("x-forwarded-for");
-    if let Ok(v) = HeaderValue::from_str(&xff.join(", ")) {
-        headers.insert("x-forwarded-for", v);
-    }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-    headers.insert("x-forwarded-port", HeaderValue::from(f.public_port));
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+    headers.insert(X_FORWARDED_PORT.clone(), HeaderValue::from(f.public_port));
     if let Ok(host) = HeaderValue::from_str(f.host) {
-        headers.insert("x-forwarded-host", host.clone());
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
         headers.insert(HOST, host);
     }
     for name in &f.rules.remove {
