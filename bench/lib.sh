@@ -82,11 +82,21 @@ h2up_run() { # proxy url: h2load as in workload 2, counting the proxy's backend 
   wait $pid || true
   python3 bench/parse.py h2load "$1" "$conns" < "$out"
 }
+h2bulk_run() { # proxy url: 4 HTTP/2 clients x 2 streams downloading the 64 MiB file, with the
+  # proxy's CPU seconds over the run
+  local out pids cpu0 cpu1
+  pids=$(proxy_pids "$1" | tr ',' ' ')
+  cpu0=$(cpu_of $pids)
+  out=$(taskset -c $LOAD_CORE h2load -c 4 -m 2 -D $DUR "$2" 2>&1 || true)
+  cpu1=$(cpu_of $pids)
+  python3 bench/parse.py h2bulk "$1" "" "$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')" "$DUR" <<<"$out"
+}
 measure() { # proxy workload url
   local proxy=$1 workload=$2 url=$3 fn
   fn=wrk_run; [[ $workload == h2 ]] && fn=h2load_run
   [[ $workload == passthrough || $workload == buffer ]] && fn=bulk_run
   [[ $workload == h2up ]] && fn=h2up_run
+  [[ $workload == window ]] && fn=h2bulk_run
   $fn "$proxy" "$url" > /dev/null # warm-up, discarded
   for _ in $(seq 1 $RUNS); do
     $fn "$proxy" "$url" | python3 -c "import json,sys; d=json.load(sys.stdin); d['workload']='$workload'; print(json.dumps(d))" >> "$RAW"
@@ -130,8 +140,9 @@ idle_memory() { # proxy
     python3 -c "import json,sys; d=json.load(sys.stdin); d['workload']='idle'; print(json.dumps(d))" >> "$RAW"
 }
 
-start_sluice() { # [copy buffer KiB]
+start_sluice() { # [copy buffer KiB] [upstream HTTP/2 stream window KiB]
   export SLUICE_COPY_BUFFER_KIB=${1:-16}
+  if [[ -n ${2:-} ]]; then export SLUICE_UPSTREAM_H2_WINDOW_KIB=$2; else unset SLUICE_UPSTREAM_H2_WINDOW_KIB; fi
   rm -rf "$WORK/sluice" "$WORK/sluice-worker" # a fresh control plane each time
   RUST_LOG=warn taskset -c $LOAD_CORE "$BIN" --listen 127.0.0.1:19000 --data-dir "$WORK/sluice" --workers 0 \
     > "$WORK/sluice-api.log" 2>&1 &

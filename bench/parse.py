@@ -1,4 +1,5 @@
-"""Parse one wrk or h2load run into a JSON line: requests/s, latencies, and whether it failed."""
+"""Parse one wrk or h2load run into a JSON line: requests/s (or MB/s), latencies, and whether it
+failed."""
 import json
 import re
 import sys
@@ -59,6 +60,13 @@ else:
     m = re.search(r"time for request:\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", text)
     out["mean_ms"] = ms(m.group(5), m.group(6)) if m else None
     out["max_ms"] = ms(m.group(3), m.group(4)) if m else None
+    if tool == "h2bulk":  # large downloads: MB/s and the proxy's CPU seconds per GB
+        m = re.search(r"req/s, ([\d.]+)(B|KB|MB|GB)/s", text)
+        out["mb_s"] = mbps(*m.groups()) if m else 0.0
+        if len(sys.argv) > 5 and out["mb_s"]:
+            gb = out["mb_s"] * float(sys.argv[5]) / 1000
+            cpu = float(sys.argv[4])
+            out["cpu_s_per_gb"] = cpu / gb if cpu > 0 and gb else None
 if out["rps"] == 0.0:
     out["errors"].append("no throughput reported")
 out["ok"] = not out["errors"]

@@ -62,8 +62,10 @@ for workload, metrics in (("h1", [("rps", "{:.0f}"), ("p50_ms", "{:.2f}"), ("p99
                           ("handshake_resumed", [("rps", "{:.0f}"), ("cpu_ms_per_handshake", "{:.3f}")]),
                           ("idle", [("kib_per_conn", "{:.1f}"), ("idle_conns", "{:.0f}")]),
                           ("buffer", [("mb_s", "{:.0f}"), ("cpu_s_per_gb", "{:.2f}")]),
+                          ("window", [("mb_s", "{:.0f}"), ("cpu_s_per_gb", "{:.2f}")]),
                           ("pt_conns", [("rps", "{:.0f}"), ("cpu_ms_per_handshake", "{:.3f}")])):
-    for proxy in ("sluice", "nginx", "haproxy", "direct", "sluice-8k", "sluice-16k", "sluice-64k"):
+    for proxy in ("sluice", "nginx", "haproxy", "direct", "sluice-8k", "sluice-16k", "sluice-64k",
+                  "sluice-w64k", "sluice-w2048k", "sluice-w8192k"):
         sums = {k: summary(proxy, workload, k) for k, _ in metrics}
         if not any(r["proxy"] == proxy and r["workload"] == workload for r in runs):
             continue
@@ -127,6 +129,9 @@ md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "pt_conns"]
 md += ["", "## Passthrough copy buffer size (Sluice only, workload 5 with 8, 16 and 64 KiB per direction)", "",
        "| buffer | MB/s | proxy CPU s per GB |", "|---|---|---|"]
 md += [f"| {p.removeprefix('sluice-')} | {' | '.join(c)} |" for w, p, c in rows if w == "buffer"]
+md += ["", "## Upstream HTTP/2 receive window (Sluice only: 4 HTTP/2 clients x 2 streams downloading 64 MiB through one h2c backend connection; per-stream window, 8x per connection)", "",
+       "| window | MB/s | proxy CPU s per GB |", "|---|---|---|"]
+md += [f"| {p.removeprefix('sluice-w')} | {' | '.join(c)} |" for w, p, c in rows if w == "window"]
 md += ["", f"## Workload 6: memory per idle TLS connection (handshake done, no request; one run)", "",
        "| proxy | RSS KiB per connection | connections |", "|---|---|---|"]
 md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "idle"]

@@ -57,6 +57,10 @@ pub struct WorkerArgs {
         hide = true
     )]
     pub copy_buffer_kib: usize,
+    /// Receive window per upstream HTTP/2 stream, in KiB (eight times that per connection)
+    /// [default: 2048]; `bench/run` compares sizes.
+    #[arg(long, env = "SLUICE_UPSTREAM_H2_WINDOW_KIB", hide = true)]
+    pub upstream_h2_window_kib: Option<u32>,
     /// Fixed worker id (managed workers get theirs from the API) [default: kept in the state dir].
     #[arg(long, env = "SLUICE_WORKER_ID", hide = true)]
     pub worker_id: Option<Uuid>,

@@ -35,10 +35,40 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 pub const EXTRA_IDLE: Duration = Duration::from_secs(30);
 /// Idle time after which even the only connection to a server closes.
 pub const LAST_IDLE: Duration = Duration::from_secs(300);
-/// Per-stream receive window (hyper's client default; measured in `bench/`).
+/// Per-stream receive window by default (hyper's client default; `bench/run` compares sizes).
 pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-/// Per-connection receive window, shared by all of its streams.
+/// Per-connection receive window by default, shared by all of its streams.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// Receive windows of upstream HTTP/2 connections: how much a server may send before the
+/// worker has passed it on to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Windows {
+    pub stream: u32,
+    pub connection: u32,
+}
+
+impl Default for Windows {
+    fn default() -> Windows {
+        Windows {
+            stream: STREAM_WINDOW,
+            connection: CONNECTION_WINDOW,
+        }
+    }
+}
+
+impl Windows {
+    /// `stream_kib` per stream and eight times that per connection (the defaults' ratio),
+    /// within HTTP/2's limits (64 KiB - 1 at least as sent by default, 2^31 - 1 at most).
+    pub fn from_kib(stream_kib: u32) -> Windows {
+        const MAX: u32 = (1 << 31) - 1;
+        let stream = stream_kib.saturating_mul(1024).clamp(65_535, MAX);
+        Windows {
+            stream,
+            connection: stream.saturating_mul(8).min(MAX),
+        }
+    }
+}
 /// Streams assumed allowed before the peer's SETTINGS arrive.
 const INITIAL_STREAMS: usize = 100;
 
@@ -57,14 +87,14 @@ pub enum Opened {
     H1(hyper::client::conn::http1::SendRequest<crate::pool::UpBody>),
 }
 
-/// Handshake HTTP/2 over `io` with Sluice's window sizes.
-pub async fn handshake<T>(io: T) -> Result<Handshaken, h2::Error>
+/// Handshake HTTP/2 over `io` with these receive windows.
+pub async fn handshake<T>(io: T, windows: Windows) -> Result<Handshaken, h2::Error>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (send, mut connection) = h2::client::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_window_size(windows.stream)
+        .initial_connection_window_size(windows.connection)
         .initial_max_send_streams(INITIAL_STREAMS)
         .max_concurrent_reset_streams(256)
         .handshake::<_, Bytes>(io)
@@ -232,6 +262,8 @@ pub struct H2Pool {
     servers: Mutex<HashMap<PoolKey, Arc<Server>>>,
     /// Makes per-server metric handles (set by the worker at start).
     metrics: Option<MetricsFactory>,
+    /// Receive windows of new connections.
+    windows: Windows,
 }
 
 impl std::fmt::Debug for H2Pool {
@@ -242,11 +274,17 @@ impl std::fmt::Debug for H2Pool {
 
 impl H2Pool {
     /// A pool whose per-server metrics come from `metrics`.
-    pub fn new(metrics: MetricsFactory) -> H2Pool {
+    pub fn new(metrics: MetricsFactory, windows: Windows) -> H2Pool {
         H2Pool {
             servers: Mutex::default(),
             metrics: Some(metrics),
+            windows,
         }
+    }
+
+    /// The receive windows new connections get.
+    pub fn windows(&self) -> Windows {
+        self.windows
     }
 
     fn server(&self, key: &PoolKey) -> Arc<Server> {
@@ -431,5 +469,29 @@ async fn keep(
     }
     if let (Some(s), Some(c)) = (server.upgrade(), conn.upgrade()) {
         s.remove(&c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Windows;
+
+    #[test]
+    fn windows_from_kib_keep_the_ratio_within_http2_limits() {
+        assert_eq!(
+            Windows::from_kib(2048),
+            Windows {
+                stream: 2 << 20,
+                connection: 16 << 20
+            }
+        );
+        // Below the protocol's default window: raised to it; beyond 2^31 - 1: capped.
+        assert_eq!(Windows::from_kib(1).stream, 65_535);
+        let huge = Windows::from_kib(u32::MAX);
+        assert_eq!(
+            (huge.stream, huge.connection),
+            ((1 << 31) - 1, (1 << 31) - 1)
+        );
+        assert_eq!(Windows::default(), Windows::from_kib(2048));
     }
 }

@@ -237,7 +237,11 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         response_timeout: std::time::Duration::from_millis(args.response_timeout_ms),
         copy_buffer: args.copy_buffer_kib * 1024,
         pool: Arc::new(pool::Pool::default()),
-        h2pool: Arc::new(h2pool::H2Pool::new(metrics.h2_server_metrics())),
+        h2pool: Arc::new(h2pool::H2Pool::new(
+            metrics.h2_server_metrics(),
+            args.upstream_h2_window_kib
+                .map_or_else(h2pool::Windows::default, h2pool::Windows::from_kib),
+        )),
         health: Arc::new(health::Health::default()),
         admin_addr: OnceLock::new(),
         https_bound: OnceLock::new(),

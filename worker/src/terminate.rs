@@ -444,20 +444,21 @@ async fn open(
 async fn open_h2(
     server: &Server,
     tls: Option<(&Upstream, &BackendTls)>,
+    windows: crate::h2pool::Windows,
 ) -> Result<Opened, UpstreamError> {
     let failed = |reason: String| UpstreamError::Connect {
         server: server.address.to_string(),
         reason,
     };
     match tls {
-        None => crate::h2pool::handshake(connect_server(server).await?)
+        None => crate::h2pool::handshake(connect_server(server).await?, windows)
             .await
             .map(Opened::H2)
             .map_err(|e| failed(format!("HTTP/2 handshake: {e}"))),
         Some((upstream, settings)) => {
             let tls = tls_connect(server, &upstream.config_h2, settings).await?;
             if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                crate::h2pool::handshake(tls)
+                crate::h2pool::handshake(tls, windows)
                     .await
                     .map(Opened::H2)
                     .map_err(|e| failed(format!("HTTP/2 handshake: {e}")))
@@ -580,7 +581,7 @@ async fn choose<'a>(
             .ok_or(ProxyError::Upstream(UpstreamError::NoBackend(backend.id)))?;
         let attempt = if route.multiplexed && !h2pool.is_h1_only(&key) {
             h2pool
-                .acquire(&key, || open_h2(server, tls))
+                .acquire(&key, || open_h2(server, tls, h2pool.windows()))
                 .await
                 .map(|a| match a {
                     Acquired::H2(lease) => Chosen::H2(lease),
@@ -674,7 +675,10 @@ async fn proxy(
             Chosen::H2(lease) => {
                 let h2pool = &conn.worker.h2pool;
                 let reopen = || async {
-                    match h2pool.acquire(&key, || open_h2(server, tls)).await {
+                    match h2pool
+                        .acquire(&key, || open_h2(server, tls, h2pool.windows()))
+                        .await
+                    {
                         Ok(Acquired::H2(lease)) => Ok(lease),
                         Ok(Acquired::H1(_)) => Err("the server stopped speaking HTTP/2".to_owned()),
                         Err(e) => Err(e.to_string()),
