@@ -5,8 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Bytes moved each way.
@@ -37,24 +36,40 @@ impl Activity {
     }
 }
 
-async fn pump(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+/// One direction. Per connection this runs for every byte the proxy passes, so it allocates
+/// its buffer without zeroing it and keeps one idle timer registered (moved only when it
+/// fires early) instead of arming a timeout around every read.
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
     idle: Duration,
     activity: &Activity,
     buffer: usize,
-) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; buffer.max(1024)];
+) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = Vec::with_capacity(buffer.max(1024));
     let mut total = 0u64;
+    let quiet = tokio::time::sleep(idle);
+    tokio::pin!(quiet);
     loop {
-        let n = match tokio::time::timeout(idle, from.read(&mut buf)).await {
-            Ok(r) => r?,
-            Err(_) if activity.idle_for() < idle => continue,
-            Err(_) => {
+        buf.clear();
+        let n = tokio::select! {
+            biased;
+            read = from.read_buf(&mut buf) => read?,
+            () = &mut quiet => {
+                // The other direction may have been busy meanwhile: idle is about both.
+                let since = activity.idle_for();
+                if since < idle {
+                    quiet.as_mut().reset(tokio::time::Instant::now() + (idle - since));
+                    continue;
+                }
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "idle timeout",
-                ))
+                ));
             }
         };
         if n == 0 {
@@ -62,7 +77,7 @@ async fn pump(
             let _ = to.shutdown().await;
             return Ok(total);
         }
-        to.write_all(&buf[..n]).await?;
+        to.write_all(&buf).await?;
         total += n as u64;
         activity.touch();
     }
@@ -70,8 +85,8 @@ async fn pump(
 
 /// Copy both ways until both directions have ended (or one fails or the pair is idle).
 pub async fn bidirectional(
-    client: TcpStream,
-    server: TcpStream,
+    mut client: TcpStream,
+    mut server: TcpStream,
     idle: Duration,
     buffer: usize,
 ) -> std::io::Result<Moved> {
@@ -79,8 +94,9 @@ pub async fn bidirectional(
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
     };
-    let (cr, cw) = client.into_split();
-    let (sr, sw) = server.into_split();
+    // Borrowed halves: both directions run in this task, no shared ownership needed.
+    let (cr, cw) = client.split();
+    let (sr, sw) = server.split();
     let (up, down) = tokio::try_join!(
         pump(cr, sw, idle, &activity, buffer),
         pump(sr, cw, idle, &activity, buffer)
@@ -89,4 +105,72 @@ pub async fn bidirectional(
         client_to_server: up,
         server_to_client: down,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// Two connected pairs: (client, proxy's client side) and (proxy's server side, server).
+    async fn pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
+        async fn pair() -> (TcpStream, TcpStream) {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let connect = TcpStream::connect(listener.local_addr().expect("addr"));
+            let (connected, accepted) = tokio::join!(connect, listener.accept());
+            (connected.expect("connect"), accepted.expect("accept").0)
+        }
+        let (client, inner) = pair().await;
+        let (outer, server) = pair().await;
+        ((client, inner), (outer, server))
+    }
+
+    #[tokio::test]
+    async fn bytes_and_half_closes_pass_both_ways() {
+        let ((mut client, inner), (outer, mut server)) = pairs().await;
+        let copy = tokio::spawn(bidirectional(inner, outer, Duration::from_secs(5), 1024));
+        // 100 KiB through a 1 KiB buffer, then the client half-closes.
+        let data: Vec<u8> = (0..100 * 1024).map(|i| (i % 251) as u8).collect();
+        client.write_all(&data).await.expect("write");
+        client.shutdown().await.expect("shutdown");
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("read to EOF");
+        assert_eq!(got, data);
+        // The other direction still works after the half-close.
+        server.write_all(b"answer").await.expect("write back");
+        server.shutdown().await.expect("shutdown");
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.expect("read back");
+        assert_eq!(back, b"answer");
+        let moved = copy.await.expect("join").expect("copied");
+        assert_eq!(
+            moved,
+            Moved {
+                client_to_server: data.len() as u64,
+                server_to_client: 6
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pair_idle_both_ways_is_closed_but_one_busy_way_keeps_it_open() {
+        let idle = Duration::from_millis(300);
+        let ((mut client, inner), (outer, mut server)) = pairs().await;
+        let copy = tokio::spawn(bidirectional(inner, outer, idle, 1024));
+        let mut last = Instant::now();
+        // Traffic one way only, every 100 ms for 900 ms: the pair stays open.
+        for _ in 0..9 {
+            client.write_all(b"x").await.expect("write");
+            let mut one = [0u8; 1];
+            server.read_exact(&mut one).await.expect("relayed");
+            last = Instant::now();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!copy.is_finished(), "closed while one direction was busy");
+        // Then silence: closed once idle.
+        let err = copy.await.expect("join").expect_err("idle timeout");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        // Counted from the last byte moved (the relay stamps it just before the server sees it).
+        assert!(last.elapsed() >= idle - Duration::from_millis(20));
+    }
 }

@@ -106,12 +106,14 @@ pub async fn serve(
     tracker: TaskTracker,
     mut stop: watch::Receiver<bool>,
 ) {
-    let local = listener.local_addr().ok();
+    let bound = listener.local_addr().ok();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let local = stream.local_addr().ok().or(local).unwrap_or(peer);
+                    // The connection's own local address costs a syscall; it differs from the
+                    // listener's only on a wildcard address, and only PROXY headers need it.
+                    let local = bound.unwrap_or(peer);
                     tracker.spawn(handle(worker.clone(), stream, peer, local));
                 }
                 Err(e) => {

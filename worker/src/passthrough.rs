@@ -34,15 +34,25 @@ pub async fn forward(
     rt: &Arc<Runtime>,
     worker: &crate::Worker,
     peer: SocketAddr,
+    // The listener's address (see below).
     local: SocketAddr,
 ) -> Result<copy::Moved, PassthroughError> {
     let health = &worker.health;
     // The pick is held for the life of the stream: least_requests counts open connections.
     let (mut server, addr, _pick) = connect_with_pick(health, rt, host.backend_id).await?;
+    // `local` is the listener's address; on a wildcard listener the header needs the address
+    // this client actually reached.
+    let local = || {
+        if local.ip().is_unspecified() {
+            client.local_addr().unwrap_or(local)
+        } else {
+            local
+        }
+    };
     let header = match host.proxy_protocol {
         ProxyProtocol::None => Vec::new(),
-        ProxyProtocol::V1 => crate::proxy_protocol::v1(peer, local),
-        ProxyProtocol::V2 => crate::proxy_protocol::v2(peer, local),
+        ProxyProtocol::V1 => crate::proxy_protocol::v1(peer, local()),
+        ProxyProtocol::V2 => crate::proxy_protocol::v2(peer, local()),
     };
     let mut first = header;
     first.extend_from_slice(&peeked);
