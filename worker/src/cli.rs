@@ -48,7 +48,7 @@ pub struct WorkerArgs {
     /// On SIGTERM, how long open connections may take to finish, in milliseconds.
     #[arg(long, env = "SLUICE_DRAIN_MS", default_value_t = 10_000)]
     pub drain_ms: u64,
-    /// Per-direction copy buffer of passthrough connections, in KiB (bench/buffers compares
+    /// Per-direction copy buffer of passthrough connections, in KiB (`bench/run` compares
     /// sizes; 16 KiB, one TLS record, measured best).
     #[arg(
         long,

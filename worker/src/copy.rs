@@ -16,7 +16,7 @@ pub struct Moved {
 }
 
 /// Per-direction buffer by default. 16 KiB matches the TLS record size the streams mostly
-/// carry; `bench/buffers` compares 8, 16 and 64 KiB.
+/// carry; `bench/run` compares 8, 16 and 64 KiB.
 pub const BUFFER: usize = 16 * 1024;
 
 struct Activity {
