@@ -69,6 +69,9 @@ impl Windows {
         }
     }
 }
+/// How long an `https` server whose ALPN chose HTTP/1.1 is taken to speak only that; then the
+/// next new connection offers `h2` again.
+pub const H1_ONLY_RECHECK: Duration = Duration::from_secs(300);
 /// Streams assumed allowed before the peer's SETTINGS arrive.
 const INITIAL_STREAMS: usize = 100;
 
@@ -152,8 +155,9 @@ pub struct Server {
     opening: tokio::sync::Mutex<()>,
     /// The last failed open: waiters that queued before it fail fast with the same error.
     failed: Mutex<Option<(Instant, String)>>,
-    /// An `https` server whose ALPN chose HTTP/1.1: use the HTTP/1.1 pool for it.
-    h1_only: AtomicBool,
+    /// When an `https` server's ALPN last chose HTTP/1.1: until [`H1_ONLY_RECHECK`] has
+    /// passed, requests to it use the HTTP/1.1 pool.
+    h1_only: Mutex<Option<Instant>>,
     metrics: ServerMetrics,
 }
 
@@ -301,19 +305,23 @@ impl H2Pool {
             conns: Mutex::default(),
             opening: tokio::sync::Mutex::new(()),
             failed: Mutex::default(),
-            h1_only: AtomicBool::new(false),
+            h1_only: Mutex::default(),
             metrics,
         });
         servers.insert(key.clone(), s.clone());
         s
     }
 
-    /// Whether `key` is an `https` server known to speak HTTP/1.1 only.
+    /// Whether `key` is an `https` server known to speak HTTP/1.1 only (learned less than
+    /// [`H1_ONLY_RECHECK`] ago: a server upgraded to HTTP/2 is noticed without a restart).
     pub fn is_h1_only(&self, key: &PoolKey) -> bool {
         let servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-        servers
-            .get(key)
-            .is_some_and(|s| s.h1_only.load(Ordering::Relaxed))
+        servers.get(key).is_some_and(|s| {
+            still_h1_only(
+                *s.h1_only.lock().unwrap_or_else(|e| e.into_inner()),
+                Instant::now(),
+            )
+        })
     }
 
     /// A stream slot to `key`, opening a connection with `open` when every connection is full.
@@ -350,7 +358,7 @@ impl H2Pool {
         let hs = match opened {
             Opened::H2(hs) => hs,
             Opened::H1(sender) => {
-                server.h1_only.store(true, Ordering::Relaxed);
+                *server.h1_only.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 return Ok(Acquired::H1(sender));
             }
         };
@@ -472,9 +480,27 @@ async fn keep(
     }
 }
 
+/// Whether a server that chose HTTP/1.1 at `learned` still counts as HTTP/1.1-only at `now`.
+fn still_h1_only(learned: Option<Instant>, now: Instant) -> bool {
+    learned.is_some_and(|at| now.saturating_duration_since(at) < H1_ONLY_RECHECK)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Windows;
+    use super::{still_h1_only, Windows, H1_ONLY_RECHECK};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn an_http1_only_server_is_asked_again_after_the_recheck_time() {
+        let learned = Instant::now();
+        assert!(!still_h1_only(None, learned));
+        assert!(still_h1_only(Some(learned), learned));
+        assert!(still_h1_only(
+            Some(learned),
+            learned + H1_ONLY_RECHECK - Duration::from_millis(1)
+        ));
+        assert!(!still_h1_only(Some(learned), learned + H1_ONLY_RECHECK));
+    }
 
     #[test]
     fn windows_from_kib_keep_the_ratio_within_http2_limits() {
