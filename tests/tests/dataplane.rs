@@ -880,6 +880,21 @@ async fn a_client_too_slow_with_its_hello_or_not_speaking_tls_is_closed() {
     );
 }
 
+/// Wait until the worker counts `n` handshaken connections that have sent nothing yet (and so
+/// hold no HTTP state).
+async fn awaiting_first_request(s: &Seed, n: u64) {
+    let line = format!("sluice_worker_connections_awaiting_first_request {n}\n");
+    let seen = sluice_tests::wait_for(std::time::Duration::from_secs(5), || async {
+        let metrics = s.worker.http.get("/metrics").await.1;
+        metrics
+            .as_str()
+            .is_some_and(|m| m.contains(&line))
+            .then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "never saw {line:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_idle_after_its_handshake_is_served_when_it_speaks_and_closed_if_it_never_does(
 ) {
@@ -893,11 +908,13 @@ async fn a_connection_idle_after_its_handshake_is_served_when_it_speaks_and_clos
         .await
         .unwrap();
     let started = std::time::Instant::now();
+    awaiting_first_request(&s, 2).await;
     // One speaks up after a while (within the 1.5 s header timeout) and is answered.
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     let mut late = H1::new(late).await;
     let reply = late.get("redmine.beerme", "/late", &[]).await;
     assert_eq!(reply.status, 200);
+    awaiting_first_request(&s, 1).await;
     assert!(
         s.redmine
             .iter()
@@ -912,6 +929,7 @@ async fn a_connection_idle_after_its_handshake_is_served_when_it_speaks_and_clos
         .unwrap_or(0);
     assert_eq!(n, 0, "closed without an answer");
     assert!(started.elapsed() >= std::time::Duration::from_millis(1400));
+    awaiting_first_request(&s, 0).await;
     // Writing to it now fails or is never answered: the connection is gone.
     let _ = silent
         .write_all(b"GET / HTTP/1.1\r\nHost: redmine.beerme\r\n\r\n")

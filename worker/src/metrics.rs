@@ -52,6 +52,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     upstream_seconds: Histogram,
     open_connections: Gauge,
+    awaiting_request: Gauge,
     h2_connections: Family<ServerLabels, Gauge>,
     h2_streams: Family<ServerLabels, Gauge>,
     h2_requests: Family<ServerLabels, Counter>,
@@ -76,6 +77,7 @@ impl Default for Metrics {
                 10.0,
             ]),
             open_connections: Gauge::default(),
+            awaiting_request: Gauge::default(),
             h2_connections: Family::default(),
             h2_streams: Family::default(),
             h2_requests: Family::default(),
@@ -132,6 +134,12 @@ impl Default for Metrics {
             "open_connections",
             "Client connections open on the HTTPS port",
             m.open_connections.clone(),
+        );
+        registry.register(
+            "connections_awaiting_first_request",
+            "Terminated connections past their TLS handshake whose client has sent nothing yet \
+             (no HTTP state is held for them)",
+            m.awaiting_request.clone(),
         );
         registry.register(
             "upstream_h2_connections",
@@ -197,9 +205,14 @@ impl Metrics {
     }
 
     /// Count a client connection as open until the guard is dropped.
-    pub fn connection_opened(&self) -> OpenConnection {
-        self.open_connections.inc();
-        OpenConnection(self.open_connections.clone())
+    pub fn connection_opened(&self) -> Counted {
+        Counted::new(&self.open_connections)
+    }
+
+    /// Count a terminated connection as waiting for its first request until the guard is
+    /// dropped.
+    pub fn awaiting_first_request(&self) -> Counted {
+        Counted::new(&self.awaiting_request)
     }
 
     /// Makes the metric handles of one upstream HTTP/2 server (for the HTTP/2 pool).
@@ -233,11 +246,18 @@ impl Metrics {
     }
 }
 
-/// Held while a client connection is open.
+/// One unit of a gauge, held until dropped (an open connection, a connection waiting).
 #[derive(Debug)]
-pub struct OpenConnection(Gauge);
+pub struct Counted(Gauge);
 
-impl Drop for OpenConnection {
+impl Counted {
+    fn new(gauge: &Gauge) -> Counted {
+        gauge.inc();
+        Counted(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.dec();
     }

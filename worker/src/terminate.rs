@@ -140,9 +140,11 @@ pub async fn serve(
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     // An idle connection (a browser's preconnect) costs only its TLS state until its first
     // request: hyper's buffers (8 KiB each way) and request state are set up when bytes arrive.
+    let waiting = worker.metrics.awaiting_first_request();
     if !first_bytes_arrived(&mut tls, worker.header_timeout).await {
         return;
     }
+    drop(waiting);
     let conn = Arc::new(Conn {
         public_port: worker.public_https_port.unwrap_or(local.port()),
         worker: worker.clone(),
