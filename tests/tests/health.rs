@@ -67,20 +67,29 @@ async fn subscribe(api: &Api) -> Received {
 
 /// An API (fast heartbeats) and one worker that drains quickly on SIGTERM.
 fn start() -> (tempfile::TempDir, Api, Worker) {
+    let (dir, api) = start_api();
+    let worker = start_worker(&dir, &api);
+    (dir, api, worker)
+}
+
+fn start_api() -> (tempfile::TempDir, Api) {
     let dir = tempfile::tempdir().unwrap();
     let api = Api::start(
         &dir.path().join("api"),
         "127.0.0.1:0",
         &["--workers", "0", "--heartbeat-ms", "200"],
     );
-    let worker = Worker::start_with(
+    (dir, api)
+}
+
+fn start_worker(dir: &tempfile::TempDir, api: &Api) -> Worker {
+    Worker::start_with(
         &api.url(),
         &dir.path().join("w"),
         "edge-1",
         WORKER_TOKEN,
         &[("SLUICE_DRAIN_MS", "500")],
-    );
-    (dir, api, worker)
+    )
 }
 
 /// The worker's own verdict on a server.
@@ -101,8 +110,10 @@ async fn wait_verdict(worker: &Worker, server: &str, want: &str, within: Duratio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_is_routed_around_shown_down_and_back_up_in_order() {
-    let (_dir, api, worker) = start();
+    // Subscribed before the worker starts, so its connection is among the events.
+    let (dir, api) = start_api();
     let events = subscribe(&api).await;
+    let worker = start_worker(&dir, &api);
     let ca = TestCa::new();
     let (chain, key) = ca.leaf(&["redmine.beerme"]);
     post(
