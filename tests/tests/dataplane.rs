@@ -358,13 +358,18 @@ async fn a_request_for_a_host_the_certificate_does_not_serve_is_421_and_unknown_
             .is_err()
     );
     let metrics = s.worker.http.get("/metrics").await.1;
+    let metrics = metrics.as_str().unwrap();
     assert!(
-        metrics
-            .as_str()
-            .unwrap()
-            .contains(r#"sluice_worker_connections_closed_total{reason="UnknownSni"} 1"#),
+        metrics.contains(r#"sluice_worker_connections_closed_total{reason="UnknownSni"} 1"#),
         "{metrics}"
     );
+    // Requests no host took are counted under `-`, never under the name the client sent (that
+    // would let clients grow the metric without bound).
+    assert!(
+        metrics.contains(r#"sluice_worker_http_requests_total{host="-",status="421"} 3"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("nowhere.example"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sluice_shared::ConfigVersion;
+use std::sync::Arc;
 
 /// Why a connection was closed before it was served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
@@ -33,8 +34,23 @@ struct ServerLabels {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    host: String,
+    /// The configured host (`*.beerme` for a wildcard), or `-` for a request no host took:
+    /// never the client's spelling, so clients cannot grow the label set.
+    host: SharedStr,
     status: u16,
+}
+
+/// A label value shared by reference count (prometheus-client 0.23 encodes only sized `Arc`s).
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct SharedStr(Arc<str>);
+
+impl EncodeLabelValue for SharedStr {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.0.as_ref(), encoder)
+    }
 }
 
 /// Counters and gauges of one worker process.
@@ -191,10 +207,12 @@ impl Metrics {
         self.passthrough_failed.inc();
     }
 
-    pub fn request(&self, host: &str, status: u16) {
+    /// Count a request of `host` (`None`: no host took it) answered with `status`.
+    pub fn request(&self, host: Option<&Arc<str>>, status: u16) {
+        static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("-"));
         self.requests
             .get_or_create(&RequestLabels {
-                host: host.to_owned(),
+                host: SharedStr(host.unwrap_or(&NONE).clone()),
                 status,
             })
             .inc();

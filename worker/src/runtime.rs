@@ -73,6 +73,8 @@ pub struct Runtime {
     /// Host index by exact hostname and by wildcard suffix (`beerme` for `*.beerme`).
     exact: HashMap<String, usize>,
     wildcard: HashMap<String, usize>,
+    /// Each host's configured name, by the same index.
+    host_labels: Vec<Arc<str>>,
     /// The certificate each terminate host uses, by host id.
     pub host_certificates: HashMap<Uuid, Uuid>,
     /// Facts of every certificate (SANs, validity), by id.
@@ -114,6 +116,17 @@ impl Runtime {
 
     /// The host serving `name` (an SNI or Host value): exact match first, then wildcard.
     pub fn host(&self, name: &str) -> Option<&Host> {
+        self.index(name).map(|i| &self.config.hosts[i])
+    }
+
+    /// [`Runtime::host`], with the host's configured name as a shared string (the metrics
+    /// label: one per configured host, never the client's spelling).
+    pub fn host_labelled(&self, name: &str) -> Option<(&Host, &Arc<str>)> {
+        self.index(name)
+            .map(|i| (&self.config.hosts[i], &self.host_labels[i]))
+    }
+
+    fn index(&self, name: &str) -> Option<usize> {
         // Called per connection and per request: copy only when the name is not lower case yet.
         let name = name.trim_end_matches('.');
         let name: std::borrow::Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -122,10 +135,10 @@ impl Runtime {
             name.into()
         };
         if let Some(&i) = self.exact.get(name.as_ref()) {
-            return Some(&self.config.hosts[i]);
+            return Some(i);
         }
         let (_, suffix) = name.split_once('.')?;
-        self.wildcard.get(suffix).map(|&i| &self.config.hosts[i])
+        self.wildcard.get(suffix).copied()
     }
 }
 
@@ -226,6 +239,11 @@ pub fn build(
     }
     let mut exact = HashMap::new();
     let mut wildcard = HashMap::new();
+    let host_labels = config
+        .hosts
+        .iter()
+        .map(|h| Arc::from(h.hostname.as_str()))
+        .collect();
     for (i, h) in config.hosts.iter().enumerate() {
         match h.hostname.wildcard_suffix() {
             Some(suffix) => wildcard.insert(suffix.to_owned(), i),
@@ -303,6 +321,7 @@ pub fn build(
         key_pems: KeyPems(key_pems),
         exact,
         wildcard,
+        host_labels,
         host_certificates: validated.host_certificates,
         cert_facts: validated.certificates,
     })

@@ -210,16 +210,18 @@ pub struct Watched {
 }
 
 impl Watched {
-    pub(crate) fn new(inner: Option<Incoming>) -> (Watched, tokio::sync::oneshot::Receiver<()>) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut w = Watched {
-            inner,
-            done: Some(tx),
-        };
+    /// The receiver fires once the body has been sent whole; `None`: there is no body left to
+    /// send (no channel is made for the common bodiless request).
+    pub(crate) fn new(
+        inner: Option<Incoming>,
+    ) -> (Watched, Option<tokio::sync::oneshot::Receiver<()>>) {
+        let mut w = Watched { inner, done: None };
         if hyper::body::Body::is_end_stream(&w) {
-            w.finish();
+            return (w, None);
         }
-        (w, rx)
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        w.done = Some(tx);
+        (w, Some(rx))
     }
 
     fn finish(&mut self) {
@@ -293,15 +295,16 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
             )
         });
     let host = rt
-        .host(&name)
-        .filter(|h| rt.host_certificates.get(&h.id) == Some(&conn.certificate));
+        .host_labelled(&name)
+        .filter(|(h, _)| rt.host_certificates.get(&h.id) == Some(&conn.certificate));
+    let label = host.map(|(_, label)| label);
     let mut error = None;
     let (response, upstream) = match host {
         None => (
             local_response(StatusCode::MISDIRECTED_REQUEST, "misdirected request"),
             None,
         ),
-        Some(host) => {
+        Some((host, _)) => {
             let upgrade = upgrade_of(&req);
             let te_trailers = wants_trailers(&req);
             forward_request(
@@ -325,7 +328,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
     };
     conn.worker
         .metrics
-        .request(&name, response.status().as_u16());
+        .request(label, response.status().as_u16());
     if let Some((method, path)) = logged {
         tracing::info!(
             target: "sluice_worker::access",
@@ -582,8 +585,11 @@ async fn choose<'a>(
             .cloned()
             .ok_or(ProxyError::Upstream(UpstreamError::NoBackend(backend.id)))?;
         let attempt = if route.multiplexed && !h2pool.is_h1_only(&key) {
+            // The connection-opening futures are boxed: they are large (TCP, TLS, handshake)
+            // and rarely run, and inline they would grow every request's future, which is
+            // allocated and copied per request.
             h2pool
-                .acquire(&key, || open_h2(server, tls, h2pool.windows()))
+                .acquire(&key, || Box::pin(open_h2(server, tls, h2pool.windows())))
                 .await
                 .map(|a| match a {
                     Acquired::H2(lease) => Chosen::H2(lease),
@@ -592,7 +598,7 @@ async fn choose<'a>(
         } else {
             match pool.checkout(&key).filter(|_| !route.upgrade) {
                 Some(sender) => Ok(Chosen::H1(sender, true)),
-                None => open(server, tls.map(|(u, t)| (&u.config, t)))
+                None => Box::pin(open(server, tls.map(|(u, t)| (&u.config, t))))
                     .await
                     .map(|sender| Chosen::H1(sender, false)),
             }
@@ -678,7 +684,7 @@ async fn proxy(
                 let h2pool = &conn.worker.h2pool;
                 let reopen = || async {
                     match h2pool
-                        .acquire(&key, || open_h2(server, tls, h2pool.windows()))
+                        .acquire(&key, || Box::pin(open_h2(server, tls, h2pool.windows())))
                         .await
                     {
                         Ok(Acquired::H2(lease)) => Ok(lease),
@@ -724,12 +730,16 @@ async fn exchange_h1(
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     parts.version = http::Version::HTTP_11;
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    parts.uri = path.parse().unwrap_or_default();
+    // Origin form: the path and query alone (a shared-buffer clone, no copy or re-parse).
+    let mut origin = http::uri::Parts::default();
+    origin.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    parts.uri = http::Uri::from_parts(origin).unwrap_or_default();
     if let Some(proto) = &upgrade {
         parts.headers.insert(
             http::header::CONNECTION,
@@ -743,9 +753,12 @@ async fn exchange_h1(
     let sent_at = Instant::now();
     let exchange = sender.send_request(upstream_req);
     tokio::pin!(exchange);
-    let answered = tokio::select! {
-        r = &mut exchange => Some(r),
-        _ = sent => None,
+    let answered = match sent {
+        Some(sent) => tokio::select! {
+            r = &mut exchange => Some(r),
+            _ = sent => None,
+        },
+        None => None,
     };
     let answered = match answered {
         Some(r) => Ok(r),
