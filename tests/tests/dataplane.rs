@@ -991,3 +991,51 @@ async fn an_http2_body_shorter_than_its_content_length_never_completes_upstream(
     let mut h2c = s.h2("redmine.beerme").await;
     assert_eq!(h2c.get("redmine.beerme", "/", &[]).await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_but_not_while_a_request_is_in_flight() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::time::{Duration, Instant};
+    let s = seed().await;
+    // A worker of its own, with an idle timeout shorter than the upstream response timeout.
+    let dir = tempfile::tempdir().unwrap();
+    let worker = Worker::start_with(
+        &s.api.url(),
+        dir.path(),
+        "edge-idle",
+        WORKER_TOKEN,
+        &[
+            ("SLUICE_IDLE_TIMEOUT_MS", "800"),
+            ("SLUICE_RESPONSE_TIMEOUT_MS", "1500"),
+        ],
+    );
+    worker.wait_version(s.api.version().await).await;
+    let tls = tls_connect(worker.https, "slow.beerme", s.ca.der(), &[b"h2"])
+        .await
+        .expect("tls");
+    let (mut send, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+    let closed = tokio::spawn(connection);
+    // The backend never answers: the request is in flight for the whole response timeout,
+    // longer than the idle timeout, and the connection stays open for its 504.
+    let asked = Instant::now();
+    let req = http::Request::get("https://slow.beerme/")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.expect("answered");
+    assert_eq!(resp.status(), 504);
+    assert!(asked.elapsed() >= Duration::from_millis(1500));
+    let answered = Instant::now();
+    assert!(!closed.is_finished(), "closed with a request in flight");
+    // Then nothing is in flight: the worker says GOAWAY after the idle timeout and closes.
+    tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .expect("the idle connection was closed")
+        .expect("connection task")
+        .expect("a clean GOAWAY close");
+    let idle = answered.elapsed();
+    assert!(idle >= Duration::from_millis(800), "closed after {idle:?}");
+}

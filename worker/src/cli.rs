@@ -45,6 +45,10 @@ pub struct WorkerArgs {
     /// connections are closed.
     #[arg(long, env = "SLUICE_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_timeout_ms: u64,
+    /// How long an HTTP/2 client connection may stay open with no request in flight, in
+    /// milliseconds; then it gets a GOAWAY and is closed (NGINX's `keepalive_timeout`).
+    #[arg(long, env = "SLUICE_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub idle_timeout_ms: u64,
     /// On SIGTERM, how long open connections may take to finish, in milliseconds.
     #[arg(long, env = "SLUICE_DRAIN_MS", default_value_t = 10_000)]
     pub drain_ms: u64,

@@ -2,11 +2,12 @@
 //! way shuts down the write side of the other), and a connection idle in both directions for
 //! longer than the idle timeout is closed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::idle::Activity;
 
 /// Bytes moved each way.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -15,26 +16,13 @@ pub struct Moved {
     pub server_to_client: u64,
 }
 
+/// Idle timeout of a tunnel (a passthrough connection, an upgraded HTTP connection): no byte
+/// either way for this long closes it (HAProxy's `timeout tunnel`).
+pub const IDLE: Duration = Duration::from_secs(300);
+
 /// Per-direction buffer by default. 16 KiB matches the TLS record size the streams mostly
 /// carry; `bench/run` compares 8, 16 and 64 KiB.
 pub const BUFFER: usize = 16 * 1024;
-
-struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
-    }
-}
 
 /// One direction. Per connection this runs for every byte the proxy passes, so it allocates
 /// its buffer without zeroing it and keeps one idle timer registered (moved only when it
@@ -78,6 +66,8 @@ where
             return Ok(total);
         }
         to.write_all(&buf).await?;
+        // A no-op on TCP; a TLS stream may hold the records it could not write yet.
+        to.flush().await?;
         total += n as u64;
         activity.touch();
     }
@@ -90,13 +80,43 @@ pub async fn bidirectional(
     idle: Duration,
     buffer: usize,
 ) -> std::io::Result<Moved> {
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    };
     // Borrowed halves: both directions run in this task, no shared ownership needed.
-    let (cr, cw) = client.split();
-    let (sr, sw) = server.split();
+    both(client.split(), server.split(), idle, buffer).await
+}
+
+/// [`bidirectional`] for any pair of streams (an upgraded HTTP connection and its upstream).
+pub async fn tunnel<A, B>(
+    client: A,
+    server: B,
+    idle: Duration,
+    buffer: usize,
+) -> std::io::Result<Moved>
+where
+    A: AsyncRead + AsyncWrite,
+    B: AsyncRead + AsyncWrite,
+{
+    both(
+        tokio::io::split(client),
+        tokio::io::split(server),
+        idle,
+        buffer,
+    )
+    .await
+}
+
+async fn both<CR, CW, SR, SW>(
+    (cr, cw): (CR, CW),
+    (sr, sw): (SR, SW),
+    idle: Duration,
+    buffer: usize,
+) -> std::io::Result<Moved>
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+{
+    let activity = Activity::default();
     let (up, down) = tokio::try_join!(
         pump(cr, sw, idle, &activity, buffer),
         pump(sr, cw, idle, &activity, buffer)
@@ -110,6 +130,7 @@ pub async fn bidirectional(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
     use tokio::net::TcpListener;
 
     /// Two connected pairs: (client, proxy's client side) and (proxy's server side, server).

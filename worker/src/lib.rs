@@ -13,6 +13,7 @@ pub mod edge;
 pub mod h2pool;
 pub mod headers;
 pub mod health;
+pub mod idle;
 pub mod listener;
 pub mod metrics;
 pub mod passthrough;
@@ -57,6 +58,8 @@ pub struct Worker {
     pub hello_timeout: std::time::Duration,
     /// See `--header-timeout-ms`.
     pub header_timeout: std::time::Duration,
+    /// See `--idle-timeout-ms`.
+    pub idle_timeout: std::time::Duration,
     /// How long an upstream may take to answer with headers (then 504).
     pub response_timeout: std::time::Duration,
     /// Per-direction passthrough copy buffer, in bytes.
@@ -234,6 +237,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         public_https_port: args.public_https_port,
         hello_timeout: std::time::Duration::from_millis(args.hello_timeout_ms),
         header_timeout: std::time::Duration::from_millis(args.header_timeout_ms),
+        idle_timeout: std::time::Duration::from_millis(args.idle_timeout_ms),
         response_timeout: std::time::Duration::from_millis(args.response_timeout_ms),
         copy_buffer: args.copy_buffer_kib * 1024,
         pool: Arc::new(pool::Pool::default()),

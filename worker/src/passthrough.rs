@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use sluice_shared::{Host, ProxyProtocol};
 use tokio::io::AsyncWriteExt;
@@ -13,9 +12,6 @@ use tokio::net::TcpStream;
 use crate::copy;
 use crate::runtime::Runtime;
 use crate::upstream::{connect_with_pick, UpstreamError};
-
-/// Idle timeout of a passthrough connection (no byte either way).
-pub const IDLE: Duration = Duration::from_secs(300);
 
 /// Why a passthrough connection ended early.
 #[derive(Debug, thiserror::Error)]
@@ -58,5 +54,5 @@ pub async fn forward(
     first.extend_from_slice(&peeked);
     server.write_all(&first).await?;
     tracing::debug!(%peer, server = %addr, host = %host.hostname, "passthrough connected");
-    Ok(copy::bidirectional(client, server, IDLE, worker.copy_buffer).await?)
+    Ok(copy::bidirectional(client, server, copy::IDLE, worker.copy_buffer).await?)
 }

@@ -155,18 +155,43 @@ pub async fn serve(
     // Boxed: hyper keeps a slot for the in-flight request's future for the whole connection;
     // a pointer there instead of the whole state machine (several KiB) keeps idle keep-alive
     // connections small.
-    let service = service_fn(move |req| {
-        let conn = conn.clone();
-        Box::pin(async move { Ok::<_, Infallible>(handle(conn, req).await) })
-    });
+    // HTTP/2: the requests in flight, so an idle connection can be closed (HTTP/1.1 waits for
+    // its next request only the header timeout: hyper's timer runs from the previous answer).
+    let requests = h2.then(|| Arc::new(crate::idle::Requests::default()));
+    let service = {
+        let requests = requests.clone();
+        service_fn(move |req| {
+            let conn = conn.clone();
+            let in_flight = requests.as_ref().map(|r| r.start());
+            Box::pin(async move {
+                let resp = handle(conn, req).await;
+                Ok::<_, Infallible>(match in_flight {
+                    Some(in_flight) => resp.map(|body| crate::idle::hold(body, in_flight)),
+                    None => resp,
+                })
+            })
+        })
+    };
     let io = TokioIo::new(tls);
-    let result = if h2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let result = if let Some(requests) = requests {
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_STREAMS)
             .max_header_list_size(MAX_HEADERS as u32)
-            .serve_connection(io, service)
-            .await
+            .serve_connection(io, service);
+        tokio::pin!(connection);
+        tokio::select! {
+            result = connection.as_mut() => result,
+            () = requests.idle(worker.idle_timeout) => {
+                tracing::debug!(%peer, "idle HTTP/2 connection; sending GOAWAY");
+                connection.as_mut().graceful_shutdown();
+                // Nothing is in flight: a peer that stalls the GOAWAY exchange is dropped
+                // after the header timeout.
+                tokio::time::timeout(worker.header_timeout, connection)
+                    .await
+                    .unwrap_or(Ok(()))
+            }
+        }
     } else {
         hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -793,8 +818,8 @@ async fn exchange_h1(
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
                 if let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) {
-                    let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
-                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    let (a, b) = (TokioIo::new(client), TokioIo::new(upstream));
+                    let _ = crate::copy::tunnel(a, b, crate::copy::IDLE, crate::copy::BUFFER).await;
                 }
             });
             let (parts, _) = resp.into_parts();
