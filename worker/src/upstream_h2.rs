@@ -119,22 +119,28 @@ pub async fn send(
             lease.conn().retire();
             Failure::Refused(e.to_string())
         })?;
-    let cancel = CancellationToken::new();
-    let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
-    match body {
+    // A body is piped by a task of its own, cancelled when the response is dropped; a request
+    // without one (the common case) needs neither the task nor the channels.
+    let (guard, sent_rx) = match body {
         Some(body) => {
+            let cancel = CancellationToken::new();
+            let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
             tokio::spawn(pipe(body, stream, cancel.clone(), sent_tx));
+            (Some(cancel.drop_guard()), Some(sent_rx))
         }
         None => {
-            let _ = sent_tx.send(());
+            drop(stream);
+            (None, None)
         }
-    }
-    let guard = cancel.drop_guard();
+    };
     tokio::pin!(response);
     // The response timeout runs from the moment the request body has been sent.
-    let early = tokio::select! {
-        r = &mut response => Some(r),
-        _ = sent_rx => None,
+    let early = match sent_rx {
+        Some(sent_rx) => tokio::select! {
+            r = &mut response => Some(r),
+            _ = sent_rx => None,
+        },
+        None => None,
     };
     *sent_at = Instant::now();
     let answered = match early {
@@ -232,7 +238,7 @@ enum State {
 struct H2Body {
     recv: RecvStream,
     state: State,
-    hold: Option<(Lease, DropGuard)>,
+    hold: Option<(Lease, Option<DropGuard>)>,
 }
 
 impl H2Body {
