@@ -268,17 +268,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let supervisor = state.supervisor.clone();
     let stopping = state.stopping.clone();
-    let app = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            stopping.send_replace(true);
-        })
-        .await;
+    // Header-read deadline and graceful shutdown included (`axum::serve` has no deadline).
+    sluice_worker::http_server::serve(listener, app(state), async move {
+        shutdown_signal().await;
+        stopping.send_replace(true);
+    })
+    .await;
     if let Some(s) = supervisor.get() {
         s.shutdown().await;
     }
-    served.context("serving the API")?;
     Ok(())
 }
 

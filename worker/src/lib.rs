@@ -13,6 +13,7 @@ pub mod edge;
 pub mod h2pool;
 pub mod headers;
 pub mod health;
+pub mod http_server;
 pub mod idle;
 pub mod listener;
 pub mod metrics;
@@ -307,11 +308,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         let mut stop = stop_rx.clone();
         let router = admin::router(worker.clone());
         async move {
-            let _ = axum::serve(admin, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.changed().await;
-                })
-                .await;
+            http_server::serve(admin, router, async move {
+                let _ = stop.changed().await;
+            })
+            .await;
         }
     });
     let channel_task = tokio::spawn(channel::run(worker.clone(), stop_rx));
