@@ -109,19 +109,12 @@ pub async fn serve(
     let bound = listener.local_addr().ok();
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    // The connection's own local address costs a syscall; it differs from the
-                    // listener's only on a wildcard address, and only PROXY headers need it.
-                    let local = bound.unwrap_or(peer);
-                    tracker.spawn(handle(worker.clone(), stream, peer, local));
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off a moment instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+            (stream, peer) = crate::listener::accept(&listener) => {
+                // The connection's own local address costs a syscall; it differs from the
+                // listener's only on a wildcard address, and only PROXY headers need it.
+                let local = bound.unwrap_or(peer);
+                tracker.spawn(handle(worker.clone(), stream, peer, local));
+            }
             _ = stop.changed() => return,
         }
     }

@@ -36,15 +36,7 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: impl Future<
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = crate::listener::accept(&listener) => accepted,
             () = &mut shutdown => break,
         };
         let router = router.clone();

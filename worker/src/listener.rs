@@ -1,13 +1,15 @@
-//! Listening sockets with `SO_REUSEPORT`, so several workers (and a replacement) share a port.
+//! Listening sockets with `SO_REUSEPORT`, so several workers (and a replacement) share a port,
+//! and the accept every listener of the worker (and the API) uses.
 //!
 //! With `net.ipv4.tcp_migrate_req=1` (Linux 5.14+), connections still queued on a worker that
 //! closes its listener move to the others, which makes a replacement hitless; [`check_migrate`]
 //! warns when it is off.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 /// A socket bound to its address (so conflicts show at start-up) but not yet listening, so it
 /// takes no connections, and no share of the port's traffic, until [`Bound::listen`].
@@ -51,5 +53,20 @@ pub fn check_migrate() {
              set it to 1 for hitless worker restarts"
         ),
         Err(_) => {}
+    }
+}
+
+/// The next connection. A failed accept (out of file descriptors and the like) is logged and
+/// retried after a short pause instead of spinning. Cancel-safe, like `TcpListener::accept`.
+pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                let addr = listener.local_addr().ok();
+                tracing::warn!(error = %e, ?addr, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }

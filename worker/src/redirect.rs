@@ -68,14 +68,7 @@ pub async fn serve(
 ) {
     loop {
         let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed on the HTTP port");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = crate::listener::accept(&listener) => accepted,
             _ = stop.changed() => return,
         };
         let worker = worker.clone();
