@@ -152,12 +152,12 @@ pub async fn serve(
         certificate,
         peer,
     });
-    // Boxed: hyper keeps a slot for the in-flight request's future for the whole connection;
-    // a pointer there instead of the whole state machine (several KiB) keeps idle keep-alive
-    // connections small.
     // HTTP/2: the requests in flight, so an idle connection can be closed (HTTP/1.1 waits for
     // its next request only the header timeout: hyper's timer runs from the previous answer).
     let requests = h2.then(|| Arc::new(crate::idle::Requests::default()));
+    // Boxed: hyper keeps a slot for the in-flight request's future for the whole connection;
+    // a pointer there instead of the whole state machine (several KiB) keeps idle keep-alive
+    // connections small.
     let service = {
         let requests = requests.clone();
         service_fn(move |req| {
