@@ -27,6 +27,7 @@ pub mod sni;
 pub mod state;
 pub mod terminate;
 pub mod upstream;
+pub mod upstream_h1;
 pub mod upstream_h2;
 pub mod upstream_tls;
 
@@ -67,8 +68,11 @@ pub struct Worker {
     pub copy_buffer: usize,
     /// Health of every server as this worker sees it.
     pub health: Arc<health::Health>,
-    /// Upstream HTTP/1.1 keep-alive connections.
+    /// Upstream HTTP/1.1 keep-alive connections driven by hyper (requests with a body,
+    /// `https` servers).
     pub pool: Arc<pool::Pool>,
+    /// Upstream HTTP/1.1 keep-alive connections to `http` servers for requests without a body.
+    pub plain_pool: Arc<pool::Pool<upstream_h1::Conn>>,
     /// Upstream HTTP/2 connections, multiplexed and shared by every client.
     pub h2pool: Arc<h2pool::H2Pool>,
     pub admin_addr: OnceLock<SocketAddr>,
@@ -242,6 +246,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         response_timeout: std::time::Duration::from_millis(args.response_timeout_ms),
         copy_buffer: args.copy_buffer_kib * 1024,
         pool: Arc::new(pool::Pool::default()),
+        plain_pool: Arc::new(pool::Pool::default()),
         h2pool: Arc::new(h2pool::H2Pool::new(
             metrics.h2_server_metrics(),
             args.upstream_h2_window_kib

@@ -1,6 +1,8 @@
-//! Keep-alive pool of HTTP/1.1 upstream connections, per server address.
+//! Keep-alive pool of HTTP/1.1 upstream connections, per server address: hyper client
+//! connections (requests with a body, `https` servers) or the worker's own
+//! ([`crate::upstream_h1`], requests without a body to `http` servers).
 //!
-//! A connection goes back to the pool once its response body has been read to the end (the
+//! A hyper connection goes back to the pool once its response body has been read to the end (the
 //! [`Returning`] body does that) and hyper says it is ready for the next request; a connection
 //! that is not ready yet (its dispatcher has not seen the end, or the client is still uploading)
 //! is waited for by a small task, off the request path, the way hyper-util's client does it.
@@ -37,43 +39,106 @@ pub struct PoolKey {
 /// The body type of upstream requests.
 pub type UpBody = crate::terminate::Watched;
 
-struct Idle {
-    sender: SendRequest<UpBody>,
+/// A connection that can wait in the pool.
+pub trait Reusable: Send + 'static {
+    /// Still open and ready for a request (the server may have closed it while idle).
+    fn is_usable(&mut self) -> bool;
+}
+
+impl Reusable for SendRequest<UpBody> {
+    fn is_usable(&mut self) -> bool {
+        self.is_ready()
+    }
+}
+
+impl Reusable for crate::upstream_h1::Conn {
+    fn is_usable(&mut self) -> bool {
+        crate::upstream_h1::Conn::is_usable(self)
+    }
+}
+
+struct Idle<C> {
+    conn: C,
     since: Instant,
 }
 
-/// The pool.
-#[derive(Default)]
-pub struct Pool {
+/// The pool: hyper client connections, or this worker's own HTTP/1.1 connections
+/// ([`crate::upstream_h1`]).
+pub struct Pool<C = SendRequest<UpBody>> {
     /// Per server, idle connections oldest first.
-    idle: Mutex<HashMap<PoolKey, VecDeque<Idle>>>,
+    idle: Mutex<HashMap<PoolKey, VecDeque<Idle<C>>>>,
 }
 
-impl std::fmt::Debug for Pool {
+impl<C> Default for Pool<C> {
+    fn default() -> Self {
+        Pool {
+            idle: Mutex::default(),
+        }
+    }
+}
+
+impl<C> std::fmt::Debug for Pool<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Pool")
     }
 }
 
-impl Pool {
+impl<C: Reusable> Pool<C> {
     /// The newest idle, ready connection to `key`, if there is one.
-    pub fn checkout(&self, key: &PoolKey) -> Option<SendRequest<UpBody>> {
+    pub fn checkout(&self, key: &PoolKey) -> Option<C> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(key)?;
-        while let Some(c) = list.pop_back() {
+        while let Some(mut c) = list.pop_back() {
             // Everything older is older still: expired too.
             if c.since.elapsed() >= IDLE_TIMEOUT {
                 list.clear();
                 break;
             }
             // Closed by the server while idle, or closing: skip it.
-            if c.sender.is_ready() {
-                return Some(c.sender);
+            if c.conn.is_usable() {
+                return Some(c.conn);
             }
         }
         None
     }
 
+    /// Put an idle connection ready for its next request into the pool.
+    pub fn insert(&self, key: PoolKey, conn: C) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(key).or_default();
+        while list
+            .front()
+            .is_some_and(|c| now.duration_since(c.since) >= IDLE_TIMEOUT)
+        {
+            list.pop_front();
+        }
+        if list.len() >= MAX_IDLE_PER_SERVER {
+            list.pop_front();
+        }
+        list.push_back(Idle { conn, since: now });
+    }
+
+    /// Drop every idle connection to `key` (one just failed: the others are suspect).
+    pub fn purge(&self, key: &PoolKey) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    /// Number of idle connections held (for metrics and tests).
+    pub fn idle_count(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(VecDeque::len)
+            .sum()
+    }
+}
+
+impl Pool {
     /// Give a connection back after its exchange finished: into the pool if it is ready for
     /// another request, else once it is (a task waits; a connection that closes instead is
     /// dropped).
@@ -93,40 +158,6 @@ impl Pool {
                 });
             }
         }
-    }
-
-    fn insert(&self, key: PoolKey, sender: SendRequest<UpBody>) {
-        let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.entry(key).or_default();
-        while list
-            .front()
-            .is_some_and(|c| now.duration_since(c.since) >= IDLE_TIMEOUT)
-        {
-            list.pop_front();
-        }
-        if list.len() >= MAX_IDLE_PER_SERVER {
-            list.pop_front();
-        }
-        list.push_back(Idle { sender, since: now });
-    }
-
-    /// Drop every idle connection to `key` (one just failed: the others are suspect).
-    pub fn purge(&self, key: &PoolKey) {
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
-    }
-
-    /// Number of idle connections held (for metrics and tests).
-    pub fn idle_count(&self) -> usize {
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(VecDeque::len)
-            .sum()
     }
 }
 

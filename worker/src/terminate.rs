@@ -530,10 +530,25 @@ fn wants_trailers(req: &Request<Incoming>) -> bool {
 
 /// An upstream connection ready for one request.
 enum Chosen {
-    /// An HTTP/1.1 connection, and whether it was reused from the pool (one the server may
-    /// have closed just now).
+    /// An HTTP/1.1 connection of our own for a request without a body, and whether it was
+    /// reused from the pool (one the server may have closed just now).
+    Plain(crate::upstream_h1::Conn, bool),
+    Hyper(Pooled),
+}
+
+/// A connection driven by hyper (HTTP/1.1) or h2.
+enum Pooled {
+    /// An HTTP/1.1 connection, and whether it was reused from the pool.
     H1(hyper::client::conn::http1::SendRequest<Watched>, bool),
     H2(crate::h2pool::Lease),
+}
+
+/// Whether a request may be sent twice (when the first try got no answer at all).
+fn idempotent(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    )
 }
 
 /// The head of a request that may be sent a second time: idempotent, no body, no upgrade.
@@ -546,15 +561,11 @@ struct Replay {
 
 impl Replay {
     fn of(req: &Request<Option<Incoming>>, upgrade: bool) -> Option<Replay> {
-        let idempotent = matches!(
-            *req.method(),
-            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
-        );
         let no_body = req
             .body()
             .as_ref()
             .is_none_or(hyper::body::Body::is_end_stream);
-        (idempotent && !upgrade && no_body).then(|| Replay {
+        (idempotent(req.method()) && !upgrade && no_body).then(|| Replay {
             method: req.method().clone(),
             uri: req.uri().clone(),
             version: req.version(),
@@ -581,6 +592,8 @@ struct Route<'a> {
     multiplexed: bool,
     /// A protocol upgrade needs a fresh HTTP/1.1 connection of its own.
     upgrade: bool,
+    /// A request without a body to an `http` backend: over [`crate::upstream_h1`].
+    plain: bool,
     /// The pool key of each server, by index.
     keys: &'a [PoolKey],
 }
@@ -617,15 +630,22 @@ async fn choose<'a>(
                 .acquire(&key, || Box::pin(open_h2(server, tls, h2pool.windows())))
                 .await
                 .map(|a| match a {
-                    Acquired::H2(lease) => Chosen::H2(lease),
-                    Acquired::H1(sender) => Chosen::H1(sender, false),
+                    Acquired::H2(lease) => Chosen::Hyper(Pooled::H2(lease)),
+                    Acquired::H1(sender) => Chosen::Hyper(Pooled::H1(sender, false)),
                 })
+        } else if route.plain {
+            match conn.worker.plain_pool.checkout(&key) {
+                Some(up) => Ok(Chosen::Plain(up, true)),
+                None => Box::pin(connect_server(server))
+                    .await
+                    .map(|io| Chosen::Plain(crate::upstream_h1::Conn::new(io), false)),
+            }
         } else {
             match pool.checkout(&key).filter(|_| !route.upgrade) {
-                Some(sender) => Ok(Chosen::H1(sender, true)),
+                Some(sender) => Ok(Chosen::Hyper(Pooled::H1(sender, true))),
                 None => Box::pin(open(server, tls.map(|(u, t)| (&u.config, t))))
                     .await
-                    .map(|sender| Chosen::H1(sender, false)),
+                    .map(|sender| Chosen::Hyper(Pooled::H1(sender, false))),
             }
         };
         match attempt {
@@ -689,23 +709,45 @@ async fn proxy(
         multiplexed: backend.protocol == Protocol::H2c
             || (backend.protocol == Protocol::Https && upgrade.is_none()),
         upgrade: upgrade.is_some(),
+        plain: backend.protocol == Protocol::Http
+            && upgrade.is_none()
+            && hyper::body::Body::is_end_stream(req.body()),
         keys: rt.pool_keys(backend.id),
     };
     let mut req = req.map(Some);
     let mut replayed = false;
     loop {
         let (chosen, key, server, _pick) = choose(conn, &route).await?;
+        let chosen = match chosen {
+            Chosen::Plain(up, reused) => {
+                let (parts, body) = req.into_parts();
+                let result = exchange_plain(conn, &parts, up, &key).await;
+                req = Request::from_parts(parts, body);
+                match result {
+                    Err(ProxyError::Reset { server, reason })
+                        if reused && !replayed && idempotent(req.method()) =>
+                    {
+                        tracing::debug!(%server, %reason, "upstream connection failed before answering; sending the request again");
+                        conn.worker.plain_pool.purge(&key);
+                        replayed = true;
+                        continue;
+                    }
+                    other => return other,
+                }
+            }
+            Chosen::Hyper(pooled) => pooled,
+        };
         // Only a reused keep-alive connection can turn out closed under a request; the head is
         // copied for that case alone, so fresh connections cost nothing extra.
         let replay = match &chosen {
-            Chosen::H1(_, true) if !replayed => Replay::of(&req, upgrade.is_some()),
+            Pooled::H1(_, true) if !replayed => Replay::of(&req, upgrade.is_some()),
             _ => None,
         };
         let result = match chosen {
-            Chosen::H1(sender, _) => {
+            Pooled::H1(sender, _) => {
                 exchange_h1(conn, req, upgrade.clone(), sender, key.clone()).await
             }
-            Chosen::H2(lease) => {
+            Pooled::H2(lease) => {
                 let h2pool = &conn.worker.h2pool;
                 let reopen = || async {
                     match h2pool
@@ -832,6 +874,37 @@ async fn exchange_h1(
         .map_err(BoxError::from)
         .boxed();
     Ok((Response::from_parts(parts, body), server))
+}
+
+/// One request without a body over a connection of our own ([`crate::upstream_h1`]); the
+/// connection goes back to the plain pool when the response ends.
+async fn exchange_plain(
+    conn: &Conn,
+    req: &http::request::Parts,
+    mut up: crate::upstream_h1::Conn,
+    key: &PoolKey,
+) -> Result<(Response<ResBody>, Arc<str>), ProxyError> {
+    use crate::upstream_h1::Error;
+    let server = key.address.clone();
+    let sent_at = Instant::now();
+    let answered = tokio::time::timeout(conn.worker.response_timeout, async {
+        up.send(req).await?;
+        up.head(&req.method).await
+    })
+    .await;
+    let mut head = match answered {
+        Ok(Ok(head)) => head,
+        Ok(Err(Error::Closed(reason))) => return Err(ProxyError::Reset { server, reason }),
+        Ok(Err(Error::Invalid(reason))) => return Err(ProxyError::Exchange { server, reason }),
+        Err(_) => return Err(ProxyError::Timeout { server }),
+    };
+    conn.worker
+        .metrics
+        .upstream_latency(sent_at.elapsed().as_secs_f64());
+    strip_hop_by_hop(&mut head.parts.headers);
+    let back = Some((conn.worker.plain_pool.clone(), key.clone()));
+    let body = crate::upstream_h1::UpBody::new(up, &head, back, conn.worker.response_timeout);
+    Ok((Response::from_parts(head.parts, body.boxed()), server))
 }
 
 /// One request over a multiplexed HTTP/2 stream; a stream the server refused (it never
