@@ -269,8 +269,7 @@ fn framing(
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .last();
+            .rfind(|t| !t.is_empty());
         let chunked = last.is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
         // With a Content-Length too the message was framed twice: not trusted for another one.
         let reuse = chunked && !headers.contains_key(CONTENT_LENGTH);
