@@ -175,10 +175,14 @@ enum Parsed {
     Informational,
 }
 
-/// Where a slice lies inside `base` (both from the same buffer).
-fn range_in(base: &[u8], part: &[u8]) -> Range<usize> {
-    let start = part.as_ptr() as usize - base.as_ptr() as usize;
-    start..start + part.len()
+/// Where `part`, a slice httparse took from `base`, lies in it (`None` if it does not).
+fn range_in(base: &[u8], part: &[u8]) -> Option<Range<usize>> {
+    if part.is_empty() {
+        return Some(0..0);
+    }
+    let start = (part.as_ptr() as usize).checked_sub(base.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= base.len()).then_some(start..end)
 }
 
 /// Parse a response head from the front of `buf`; `None`: not complete yet.
@@ -210,9 +214,11 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
         .headers
         .iter()
         .map(|h| {
-            HeaderName::from_bytes(h.name.as_bytes())
-                .map(|name| (name, range_in(buf, h.value)))
-                .map_err(|_| invalid(format!("invalid header name {:?}", h.name)))
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| invalid(format!("invalid header name {:?}", h.name)))?;
+            let span =
+                range_in(buf, h.value).ok_or_else(|| invalid("header value outside the head"))?;
+            Ok((name, span))
         })
         .collect::<Result<_, _>>()?;
     let head = buf.split_to(len).freeze();
@@ -668,7 +674,7 @@ mod tests {
     async fn sends_origin_form_and_reads_a_sized_body_then_pools_the_connection() {
         let (conn, server) = serve(
             vec![
-                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhel",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\nX-Empty:\r\n\r\nhel",
                 b"lo",
             ],
             false,
@@ -678,6 +684,7 @@ mod tests {
         let (head, data, trailers, pooled) = exchange(conn, &req).await.expect("exchange");
         assert_eq!(head.parts.status, StatusCode::OK);
         assert_eq!(head.parts.headers["x-a"], "b");
+        assert_eq!(head.parts.headers["x-empty"], "");
         assert_eq!(head.framing, Framing::Length(5));
         assert_eq!(data, b"hello");
         assert!(trailers.is_none());
