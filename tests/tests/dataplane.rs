@@ -73,6 +73,7 @@ async fn seed() -> Seed {
         "ws.beerme",
         "slow.beerme",
         "legacy.beerme",
+        "closing.beerme",
     ]);
     let ws = WsBackend::start().await;
     let silent = SilentBackend::start().await;
@@ -1038,4 +1039,88 @@ async fn an_idle_http2_connection_is_closed_but_not_while_a_request_is_in_flight
         .expect("a clean GOAWAY close");
     let idle = answered.elapsed();
     assert!(idle >= Duration::from_millis(800), "closed after {idle:?}");
+}
+
+/// A backend that answers the first request of each connection (chunked, with a trailer) and
+/// closes the connection when the next one arrives, unanswered: every reused upstream
+/// connection fails before any response, the shape of a server whose keep-alive timeout ran
+/// out just as the request was sent. Counts (answered, dropped).
+async fn closing_backend() -> (std::net::SocketAddr, Arc<(AtomicUsize, AtomicUsize)>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counts = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+    let c = counts.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                    3\r\nfre\r\n2\r\nsh\r\n0\r\nx-checksum: abc\r\n\r\n";
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+                c.0.fetch_add(1, Ordering::SeqCst);
+                // The next request arrives; the connection closes without an answer.
+                if s.read(&mut byte).await.unwrap_or(0) > 0 {
+                    c.1.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (addr, counts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_a_kept_alive_connection_the_backend_just_closed_is_sent_again() {
+    let s = seed().await;
+    let (addr, counts) = closing_backend().await;
+    let backend = post(
+        &s.api,
+        "/v1/backends",
+        json!({"name": "closing", "protocol": "http", "servers": [{"address": addr.to_string()}]}),
+    )
+    .await;
+    post(
+        &s.api,
+        "/v1/hosts",
+        json!({"hostname": "closing.beerme", "mode": "terminate", "backend_id": backend,
+            "certificate_id": s.ids["cert"]}),
+    )
+    .await;
+    let v = s.api.version().await;
+    s.worker.wait_version(v).await;
+
+    let mut h1 = s.h1("closing.beerme").await;
+    let mut h2 = s.h2("closing.beerme").await;
+    for i in 0..6 {
+        let r = if i % 2 == 0 {
+            h1.get("closing.beerme", "/", &[]).await
+        } else {
+            h2.get("closing.beerme", "/", &[]).await
+        };
+        assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
+        assert_eq!(r.body, "fresh", "request {i}: the chunked body, decoded");
+    }
+    assert_eq!(
+        counts.0.load(Ordering::SeqCst),
+        6,
+        "each request answered once"
+    );
+    // Requests 2-6 each found the previous connection kept alive, sent on it, got no answer
+    // and were sent again on a new one. (The last close may still be in flight.)
+    let dropped = sluice_tests::wait_for(std::time::Duration::from_secs(5), || async {
+        let n = counts.1.load(Ordering::SeqCst);
+        (n >= 5).then_some(n)
+    })
+    .await;
+    assert_eq!(dropped, Some(5), "every reused connection was tried first");
 }
