@@ -342,7 +342,9 @@ pub struct UpBody {
     /// Longest wait for the next byte of the body.
     idle: Duration,
     timer: Option<Pin<Box<Sleep>>>,
-    last_read: Instant,
+    /// When the current wait for bytes began (`None`: the last read made progress; the clock
+    /// is read only when the socket has nothing, not per read).
+    waiting_since: Option<Instant>,
 }
 
 impl UpBody {
@@ -364,7 +366,7 @@ impl UpBody {
             back,
             idle,
             timer: None,
-            last_read: Instant::now(),
+            waiting_since: None,
         };
         if state == State::Length(0) {
             body.finish();
@@ -480,9 +482,17 @@ impl UpBody {
         }
     }
 
+    /// The body cannot go on: the connection is closed (dropped) and the error ends the body.
+    fn fail(&mut self, error: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.conn = None;
+        self.state = State::Done;
+        Poll::Ready(Some(Err(error)))
+    }
+
     /// Wait for the body's next bytes no longer than the idle time since the last read.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = tokio::time::Instant::from_std(self.last_read + self.idle);
+        let since = *self.waiting_since.get_or_insert_with(Instant::now);
+        let deadline = tokio::time::Instant::from_std(since + self.idle);
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -527,11 +537,7 @@ impl Body for UpBody {
             match this.decode() {
                 Ok(Some(frame)) => return Poll::Ready(frame.map(Ok)),
                 Ok(None) => {}
-                Err(e) => {
-                    this.conn = None;
-                    this.state = State::Done;
-                    return Poll::Ready(Some(Err(e.into())));
-                }
+                Err(e) => return this.fail(e.into()),
             }
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
@@ -544,26 +550,14 @@ impl Body for UpBody {
                     return Poll::Ready(None);
                 }
                 Poll::Ready(Ok(0)) => {
-                    this.conn = None;
-                    this.state = State::Done;
-                    return Poll::Ready(Some(
-                        Err("upstream closed the connection mid-body".into()),
-                    ));
+                    return this.fail("upstream closed the connection mid-body".into())
                 }
-                Poll::Ready(Ok(_)) => this.last_read = Instant::now(),
-                Poll::Ready(Err(e)) => {
-                    this.conn = None;
-                    this.state = State::Done;
-                    return Poll::Ready(Some(Err(e.into())));
+                Poll::Ready(Ok(_)) => this.waiting_since = None,
+                Poll::Ready(Err(e)) => return this.fail(e.into()),
+                Poll::Pending if this.poll_idle(cx).is_ready() => {
+                    return this.fail("upstream body idle timeout".into())
                 }
-                Poll::Pending => {
-                    if this.poll_idle(cx).is_ready() {
-                        this.conn = None;
-                        this.state = State::Done;
-                        return Poll::Ready(Some(Err("upstream body idle timeout".into())));
-                    }
-                    return Poll::Pending;
-                }
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
@@ -838,6 +832,27 @@ mod tests {
             .await
             .expect_err("cut");
         assert!(err.contains("mid-body"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stalls_ends_with_an_error_after_the_idle_time() {
+        let (mut conn, _server) = serve(
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"],
+            false,
+        )
+        .await;
+        let req = request(Method::GET, "/");
+        conn.send(&req).await.expect("send");
+        let head = conn.head(&req.method).await.expect("head");
+        let idle = Duration::from_millis(300);
+        let mut body = UpBody::new(conn, &head, None, idle);
+        let first = body.frame().await.expect("frame").expect("data");
+        assert_eq!(first.into_data().expect("data"), "abc");
+        let waited = Instant::now();
+        let err = body.frame().await.expect("frame").expect_err("stalled");
+        assert!(err.to_string().contains("idle timeout"), "{err}");
+        assert!(waited.elapsed() >= idle);
+        assert!(body.frame().await.is_none(), "the body has ended");
     }
 
     #[tokio::test]
