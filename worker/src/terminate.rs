@@ -229,7 +229,7 @@ async fn first_bytes_arrived(
 /// A request body that says when it has been sent whole, so the response timeout can start then
 /// (a long upload is not a slow server).
 pub struct Watched {
-    /// `None`: no body (a replayed request).
+    /// `None`: no body (a request sent again on a fresh HTTP/2 stream).
     inner: Option<Incoming>,
     done: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -533,13 +533,8 @@ enum Chosen {
     /// An HTTP/1.1 connection of our own for a request without a body, and whether it was
     /// reused from the pool (one the server may have closed just now).
     Plain(crate::upstream_h1::Conn, bool),
-    Hyper(Pooled),
-}
-
-/// A connection driven by hyper (HTTP/1.1) or h2.
-enum Pooled {
-    /// An HTTP/1.1 connection, and whether it was reused from the pool.
-    H1(hyper::client::conn::http1::SendRequest<Watched>, bool),
+    /// A hyper HTTP/1.1 connection (a request with a body, or an upgrade).
+    H1(hyper::client::conn::http1::SendRequest<Watched>),
     H2(crate::h2pool::Lease),
 }
 
@@ -549,38 +544,6 @@ fn idempotent(method: &http::Method) -> bool {
         *method,
         http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
     )
-}
-
-/// The head of a request that may be sent a second time: idempotent, no body, no upgrade.
-struct Replay {
-    method: http::Method,
-    uri: http::Uri,
-    version: http::Version,
-    headers: http::HeaderMap,
-}
-
-impl Replay {
-    fn of(req: &Request<Option<Incoming>>, upgrade: bool) -> Option<Replay> {
-        let no_body = req
-            .body()
-            .as_ref()
-            .is_none_or(hyper::body::Body::is_end_stream);
-        (idempotent(req.method()) && !upgrade && no_body).then(|| Replay {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            headers: req.headers().clone(),
-        })
-    }
-
-    fn request(&self) -> Request<Option<Incoming>> {
-        let mut req = Request::new(None);
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        req
-    }
 }
 
 /// How the requests of one backend travel.
@@ -630,8 +593,8 @@ async fn choose<'a>(
                 .acquire(&key, || Box::pin(open_h2(server, tls, h2pool.windows())))
                 .await
                 .map(|a| match a {
-                    Acquired::H2(lease) => Chosen::Hyper(Pooled::H2(lease)),
-                    Acquired::H1(sender) => Chosen::Hyper(Pooled::H1(sender, false)),
+                    Acquired::H2(lease) => Chosen::H2(lease),
+                    Acquired::H1(sender) => Chosen::H1(sender),
                 })
         } else if route.plain {
             match conn.worker.plain_pool.checkout(&key) {
@@ -642,10 +605,10 @@ async fn choose<'a>(
             }
         } else {
             match pool.checkout(&key).filter(|_| !route.upgrade) {
-                Some(sender) => Ok(Chosen::Hyper(Pooled::H1(sender, true))),
+                Some(sender) => Ok(Chosen::H1(sender)),
                 None => Box::pin(open(server, tls.map(|(u, t)| (&u.config, t))))
                     .await
-                    .map(|sender| Chosen::Hyper(Pooled::H1(sender, false))),
+                    .map(Chosen::H1),
             }
         };
         match attempt {
@@ -718,7 +681,9 @@ async fn proxy(
     let mut replayed = false;
     loop {
         let (chosen, key, server, _pick) = choose(conn, &route).await?;
-        let chosen = match chosen {
+        // Requests on hyper's HTTP/1.1 connections carry a body (or an upgrade) and are never
+        // sent twice; HTTP/2 retries refused streams itself.
+        return match chosen {
             Chosen::Plain(up, reused) => {
                 let (parts, body) = req.into_parts();
                 let result = exchange_plain(conn, &parts, up, &key).await;
@@ -732,22 +697,13 @@ async fn proxy(
                         replayed = true;
                         continue;
                     }
-                    other => return other,
+                    other => other,
                 }
             }
-            Chosen::Hyper(pooled) => pooled,
-        };
-        // Only a reused keep-alive connection can turn out closed under a request; the head is
-        // copied for that case alone, so fresh connections cost nothing extra.
-        let replay = match &chosen {
-            Pooled::H1(_, true) if !replayed => Replay::of(&req, upgrade.is_some()),
-            _ => None,
-        };
-        let result = match chosen {
-            Pooled::H1(sender, _) => {
+            Chosen::H1(sender) => {
                 exchange_h1(conn, req, upgrade.clone(), sender, key.clone()).await
             }
-            Pooled::H2(lease) => {
+            Chosen::H2(lease) => {
                 let h2pool = &conn.worker.h2pool;
                 let reopen = || async {
                     match h2pool
@@ -772,16 +728,6 @@ async fn proxy(
                 .await
             }
         };
-        match (result, replay) {
-            (Err(ProxyError::Reset { server, reason }), Some(head)) => {
-                tracing::debug!(%server, %reason, "upstream connection failed before answering; sending the request again");
-                // Other idle connections to it are likely stale too.
-                conn.worker.pool.purge(&key);
-                replayed = true;
-                req = head.request();
-            }
-            (other, _) => return other,
-        }
     }
 }
 
