@@ -1065,10 +1065,12 @@ async fn closing_backend() -> (std::net::SocketAddr, Arc<(AtomicUsize, AtomicUsi
                 }
                 let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
                     3\r\nfre\r\n2\r\nsh\r\n0\r\nx-checksum: abc\r\n\r\n";
+                // Counted before the answer goes out, so the client never sees an answer
+                // that is not counted yet.
+                c.0.fetch_add(1, Ordering::SeqCst);
                 if s.write_all(answer).await.is_err() {
                     return;
                 }
-                c.0.fetch_add(1, Ordering::SeqCst);
                 // The next request arrives; the connection closes without an answer.
                 if s.read(&mut byte).await.unwrap_or(0) > 0 {
                     c.1.fetch_add(1, Ordering::SeqCst);
