@@ -97,7 +97,7 @@ measure() { # proxy workload url
   [[ $workload == passthrough || $workload == buffer ]] && fn=bulk_run
   [[ $workload == h2up ]] && fn=h2up_run
   [[ $workload == window ]] && fn=h2bulk_run
-  $fn "$proxy" "$url" > /dev/null # warm-up, discarded
+  DUR=1 $fn "$proxy" "$url" > /dev/null # warm-up (connections, caches), discarded
   for _ in $(seq 1 $RUNS); do
     $fn "$proxy" "$url" | python3 -c "import json,sys; d=json.load(sys.stdin); d['workload']='$workload'; print(json.dumps(d))" >> "$RAW"
   done

@@ -101,7 +101,7 @@ ratios = {
 
 md = ["# Benchmark results", "", f"Command: `{meta['command']}` at commit `{meta['commit']}`.", "",
       f"Machine: {meta['machine']}. Proxy pinned to core 0, load generator and backend to core 1; one worker "
-      f"process/thread per proxy; {meta['duration_s']} s per run, 1 warm-up + 5 runs; median (min-max).", "",
+      f"process/thread per proxy; {meta['duration_s']} s per run; 5 rounds, each running every proxy once per workload (after a 1 s warm-up), so the proxies take turns; median (min-max).", "",
       f"Tools: {meta['nginx']}; {meta['haproxy']}; {meta['wrk']}; {meta['h2load']}.", "",
       "## Workload 1: HTTP/1.1 keep-alive through TLS termination (wrk -t1 -c50)", "",
       "| proxy | requests/s | p50 ms | p99 ms |", "|---|---|---|---|"]
