@@ -399,6 +399,58 @@ async fn passthrough_reaches_backends_that_hold_their_own_certificate() {
         order.push(backend_of(&r));
     }
     assert_eq!(order, ["odoo-1", "odoo-2", "odoo-1", "odoo-2"]);
+    // Per host: four connections, none open once the clients are gone, bytes both ways
+    // counted as they passed (exact counts: the unit tests of `copy`).
+    let closed = sluice_tests::wait_for(std::time::Duration::from_secs(5), || async {
+        let metrics = s.worker.http.get("/metrics").await.1;
+        let metrics = metrics.as_str().unwrap_or_default().to_owned();
+        let open = r#"sluice_worker_passthrough_open_connections{host="odoo.beerme"}"#;
+        (metric(&metrics, open) == Some(0.0)).then_some(metrics)
+    })
+    .await
+    .expect("the passthrough connections are counted closed");
+    let started = r#"sluice_worker_passthrough_connections_total{host="odoo.beerme"}"#;
+    assert_eq!(metric(&closed, started), Some(4.0), "{closed}");
+    for direction in ["ClientToServer", "ServerToClient"] {
+        let series = format!(
+            r#"sluice_worker_passthrough_bytes_total{{host="odoo.beerme",direction="{direction}"}}"#
+        );
+        // At least a ClientHello one way and a certificate the other, four times.
+        let bytes = metric(&closed, &series).unwrap_or_default();
+        assert!(bytes > 4.0 * 200.0, "{series} = {bytes}: {closed}");
+    }
+    // A passthrough host whose only server refuses connections: a failure of that host.
+    let backend = post(
+        &s.api,
+        "/v1/backends",
+        json!({"name": "refusing", "protocol": "tcp", "servers": [{"address": "127.0.0.1:1"}]}),
+    )
+    .await;
+    post(
+        &s.api,
+        "/v1/hosts",
+        json!({"hostname": "gone.beerme", "mode": "passthrough", "backend_id": backend}),
+    )
+    .await;
+    s.worker.wait_version(s.api.version().await).await;
+    assert!(
+        tls_connect(s.worker.https, "gone.beerme", s.odoo_ca.der(), &[b"h2"])
+            .await
+            .is_err()
+    );
+    let metrics = s.worker.http.get("/metrics").await.1;
+    let metrics = metrics.as_str().unwrap();
+    // Connect when the server was tried; NoServer if the health check had marked it down.
+    let failed: f64 = ["Connect", "NoServer"]
+        .iter()
+        .filter_map(|kind| {
+            let series = format!(
+                r#"sluice_worker_passthrough_failures_total{{host="gone.beerme",kind="{kind}"}}"#
+            );
+            metric(metrics, &series)
+        })
+        .sum();
+    assert_eq!(failed, 1.0, "{metrics}");
     // The proxy's own certificate is not what odoo.beerme presents.
     assert!(
         tls_connect(s.worker.https, "odoo.beerme", s.ca.der(), &[b"h2"])
@@ -884,6 +936,15 @@ async fn a_client_too_slow_with_its_hello_or_not_speaking_tls_is_closed() {
         metrics.contains(r#"sluice_worker_connections_closed_total{reason="NotTls"} 1"#),
         "{metrics}"
     );
+}
+
+/// The value of one series (name and labels exactly as rendered) in a metrics text.
+fn metric(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+    })
 }
 
 /// Wait until the worker counts `n` handshaken connections that have sent nothing yet (and so

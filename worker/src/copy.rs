@@ -2,6 +2,7 @@
 //! way shuts down the write side of the other), and a connection idle in both directions for
 //! longer than the idle timeout is closed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -14,6 +15,14 @@ use crate::idle::Activity;
 pub struct Moved {
     pub client_to_server: u64,
     pub server_to_client: u64,
+}
+
+/// Counters the bytes are added to as they pass (a host's metrics), besides the totals
+/// [`Moved`] reports at the end: a tunnel may stay open for hours.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Meters<'a> {
+    pub client_to_server: Option<&'a AtomicU64>,
+    pub server_to_client: Option<&'a AtomicU64>,
 }
 
 /// Idle timeout of a tunnel (a passthrough connection, an upgraded HTTP connection): no byte
@@ -33,6 +42,7 @@ async fn pump<R, W>(
     idle: Duration,
     activity: &Activity,
     buffer: usize,
+    meter: Option<&AtomicU64>,
 ) -> std::io::Result<u64>
 where
     R: AsyncRead + Unpin,
@@ -69,6 +79,9 @@ where
         // A no-op on TCP; a TLS stream may hold the records it could not write yet.
         to.flush().await?;
         total += n as u64;
+        if let Some(meter) = meter {
+            meter.fetch_add(n as u64, Ordering::Relaxed);
+        }
         activity.touch();
     }
 }
@@ -79,9 +92,10 @@ pub async fn bidirectional(
     mut server: TcpStream,
     idle: Duration,
     buffer: usize,
+    meters: Meters<'_>,
 ) -> std::io::Result<Moved> {
     // Borrowed halves: both directions run in this task, no shared ownership needed.
-    both(client.split(), server.split(), idle, buffer).await
+    both(client.split(), server.split(), idle, buffer, meters).await
 }
 
 /// [`bidirectional`] for any pair of streams (an upgraded HTTP connection and its upstream).
@@ -100,6 +114,7 @@ where
         tokio::io::split(server),
         idle,
         buffer,
+        Meters::default(),
     )
     .await
 }
@@ -109,6 +124,7 @@ async fn both<CR, CW, SR, SW>(
     (sr, sw): (SR, SW),
     idle: Duration,
     buffer: usize,
+    meters: Meters<'_>,
 ) -> std::io::Result<Moved>
 where
     CR: AsyncRead + Unpin,
@@ -118,8 +134,8 @@ where
 {
     let activity = Activity::default();
     let (up, down) = tokio::try_join!(
-        pump(cr, sw, idle, &activity, buffer),
-        pump(sr, cw, idle, &activity, buffer)
+        pump(cr, sw, idle, &activity, buffer, meters.client_to_server),
+        pump(sr, cw, idle, &activity, buffer, meters.server_to_client)
     )?;
     Ok(Moved {
         client_to_server: up,
@@ -130,6 +146,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::time::Instant;
     use tokio::net::TcpListener;
 
@@ -149,7 +166,15 @@ mod tests {
     #[tokio::test]
     async fn bytes_and_half_closes_pass_both_ways() {
         let ((mut client, inner), (outer, mut server)) = pairs().await;
-        let copy = tokio::spawn(bidirectional(inner, outer, Duration::from_secs(5), 1024));
+        let metered = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let m = metered.clone();
+        let copy = tokio::spawn(async move {
+            let meters = Meters {
+                client_to_server: Some(&m.0),
+                server_to_client: Some(&m.1),
+            };
+            bidirectional(inner, outer, Duration::from_secs(5), 1024, meters).await
+        });
         // 100 KiB through a 1 KiB buffer, then the client half-closes.
         let data: Vec<u8> = (0..100 * 1024).map(|i| (i % 251) as u8).collect();
         client.write_all(&data).await.expect("write");
@@ -171,13 +196,16 @@ mod tests {
                 server_to_client: 6
             }
         );
+        // The meters saw the same bytes.
+        assert_eq!(metered.0.load(Ordering::Relaxed), data.len() as u64);
+        assert_eq!(metered.1.load(Ordering::Relaxed), 6);
     }
 
     #[tokio::test]
     async fn a_pair_idle_both_ways_is_closed_but_one_busy_way_keeps_it_open() {
         let idle = Duration::from_millis(300);
         let ((mut client, inner), (outer, mut server)) = pairs().await;
-        let copy = tokio::spawn(bidirectional(inner, outer, idle, 1024));
+        let copy = tokio::spawn(bidirectional(inner, outer, idle, 1024, Meters::default()));
         let mut last = Instant::now();
         // Traffic one way only, every 100 ms for 900 ms: the pair stays open.
         for _ in 0..9 {

@@ -65,20 +65,22 @@ async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: SocketAddr, lo
         }
         Err(other) => return worker.metrics.closed(other),
     };
-    let Some(host) = rt.host(&name) else {
+    let Some((host, label)) = rt.host_labelled(&name) else {
         tracing::debug!(%peer, sni = %name, "no host for this SNI; closing");
         return worker.metrics.closed(Closed::UnknownSni);
     };
     match host.mode {
         Mode::Passthrough => {
-            worker.metrics.passthrough_started();
-            match crate::passthrough::forward(stream, peeked, host, &rt, &worker, peer, local).await
-            {
+            let meters = worker.metrics.passthrough_started(label);
+            let forwarded = crate::passthrough::forward(
+                stream, peeked, host, &rt, &worker, peer, local, &meters,
+            );
+            match forwarded.await {
                 Ok(moved) => {
                     tracing::debug!(%peer, host = %host.hostname, ?moved, "passthrough done")
                 }
                 Err(e) => {
-                    worker.metrics.passthrough_failed();
+                    worker.metrics.passthrough_failed(label, e.kind());
                     tracing::info!(%peer, host = %host.hostname, error = %e, "passthrough failed");
                 }
             }

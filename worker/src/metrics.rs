@@ -27,6 +27,42 @@ struct ClosedLabels {
     reason: Closed,
 }
 
+/// Why a passthrough connection failed: before any byte reached a server (`NoServer`,
+/// `Connect`), or while bytes flowed (`IdleTimeout`: nothing either way for the tunnel's idle
+/// time; `Io`: a read or write on either side failed, a reset for instance).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum PassthroughFailure {
+    NoServer,
+    Connect,
+    IdleTimeout,
+    Io,
+}
+
+/// Which way bytes moved through a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+enum Direction {
+    ClientToServer,
+    ServerToClient,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabels {
+    /// The configured host, as in [`RequestLabels`].
+    host: SharedStr,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    host: SharedStr,
+    direction: Direction,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    host: SharedStr,
+    kind: PassthroughFailure,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServerLabels {
     server: String,
@@ -63,8 +99,10 @@ pub struct Metrics {
     rejected: Counter,
     connected: Gauge,
     closed: Family<ClosedLabels, Counter>,
-    passthrough: Counter,
-    passthrough_failed: Counter,
+    passthrough: Family<HostLabels, Counter>,
+    passthrough_open: Family<HostLabels, Gauge>,
+    passthrough_bytes: Family<BytesLabels, Counter>,
+    passthrough_failed: Family<FailureLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     upstream_seconds: Histogram,
     open_connections: Gauge,
@@ -85,8 +123,10 @@ impl Default for Metrics {
             rejected: Counter::default(),
             connected: Gauge::default(),
             closed: Family::default(),
-            passthrough: Counter::default(),
-            passthrough_failed: Counter::default(),
+            passthrough: Family::default(),
+            passthrough_open: Family::default(),
+            passthrough_bytes: Family::default(),
+            passthrough_failed: Family::default(),
             requests: Family::default(),
             upstream_seconds: Histogram::new([
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -128,12 +168,22 @@ impl Default for Metrics {
         );
         registry.register(
             "passthrough_connections",
-            "Passthrough connections started",
+            "Passthrough connections started, per host",
             m.passthrough.clone(),
         );
         registry.register(
+            "passthrough_open_connections",
+            "Passthrough connections open, per host",
+            m.passthrough_open.clone(),
+        );
+        registry.register(
+            "passthrough_bytes",
+            "Bytes passed through, per host and direction (counted as they pass)",
+            m.passthrough_bytes.clone(),
+        );
+        registry.register(
             "passthrough_failures",
-            "Passthrough connections that failed",
+            "Passthrough connections that failed, per host and kind",
             m.passthrough_failed.clone(),
         );
         registry.register(
@@ -199,12 +249,35 @@ impl Metrics {
         self.closed.get_or_create(&ClosedLabels { reason }).inc();
     }
 
-    pub fn passthrough_started(&self) {
-        self.passthrough.inc();
+    /// Count a passthrough connection of `host` as started, and as open until the returned
+    /// meters are dropped; its bytes are counted on them as they pass.
+    pub fn passthrough_started(&self, host: &Arc<str>) -> TunnelMeters {
+        let labels = HostLabels {
+            host: SharedStr(host.clone()),
+        };
+        self.passthrough.get_or_create(&labels).inc();
+        let bytes = |direction| {
+            self.passthrough_bytes
+                .get_or_create(&BytesLabels {
+                    host: labels.host.clone(),
+                    direction,
+                })
+                .clone()
+        };
+        TunnelMeters {
+            client_to_server: bytes(Direction::ClientToServer),
+            server_to_client: bytes(Direction::ServerToClient),
+            _open: Counted::new(&self.passthrough_open.get_or_create(&labels)),
+        }
     }
 
-    pub fn passthrough_failed(&self) {
-        self.passthrough_failed.inc();
+    pub fn passthrough_failed(&self, host: &Arc<str>, kind: PassthroughFailure) {
+        self.passthrough_failed
+            .get_or_create(&FailureLabels {
+                host: SharedStr(host.clone()),
+                kind,
+            })
+            .inc();
     }
 
     /// Count a request of `host` (`None`: no host took it) answered with `status`.
@@ -267,6 +340,14 @@ impl Metrics {
 /// One unit of a gauge, held until dropped (an open connection, a connection waiting).
 #[derive(Debug)]
 pub struct Counted(Gauge);
+
+/// The byte counters of one passthrough connection (handles to its host's series, looked up
+/// once per connection); the connection counts as open while these live.
+pub struct TunnelMeters {
+    pub client_to_server: Counter,
+    pub server_to_client: Counter,
+    _open: Counted,
+}
 
 impl Counted {
     fn new(gauge: &Gauge) -> Counted {

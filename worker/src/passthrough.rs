@@ -10,6 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::copy;
+use crate::metrics::{PassthroughFailure, TunnelMeters};
 use crate::runtime::Runtime;
 use crate::upstream::{connect_with_pick, UpstreamError};
 
@@ -22,7 +23,24 @@ pub enum PassthroughError {
     Io(#[from] std::io::Error),
 }
 
-/// Forward one client connection to the host's backend.
+impl PassthroughError {
+    /// The metrics' name for this failure.
+    pub fn kind(&self) -> PassthroughFailure {
+        match self {
+            PassthroughError::Upstream(UpstreamError::Connect { .. }) => {
+                PassthroughFailure::Connect
+            }
+            PassthroughError::Upstream(_) => PassthroughFailure::NoServer,
+            PassthroughError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                PassthroughFailure::IdleTimeout
+            }
+            PassthroughError::Io(_) => PassthroughFailure::Io,
+        }
+    }
+}
+
+/// Forward one client connection to the host's backend, counting the bytes on `meters`.
+#[allow(clippy::too_many_arguments)]
 pub async fn forward(
     client: TcpStream,
     peeked: Vec<u8>,
@@ -32,6 +50,7 @@ pub async fn forward(
     peer: SocketAddr,
     // The listener's address (see below).
     local: SocketAddr,
+    meters: &TunnelMeters,
 ) -> Result<copy::Moved, PassthroughError> {
     let health = &worker.health;
     // The pick is held for the life of the stream: least_requests counts open connections.
@@ -53,6 +72,11 @@ pub async fn forward(
     let mut first = header;
     first.extend_from_slice(&peeked);
     server.write_all(&first).await?;
+    meters.client_to_server.inc_by(peeked.len() as u64);
     tracing::debug!(%peer, server = %addr, host = %host.hostname, "passthrough connected");
-    Ok(copy::bidirectional(client, server, copy::IDLE, worker.copy_buffer).await?)
+    let meters = copy::Meters {
+        client_to_server: Some(meters.client_to_server.inner()),
+        server_to_client: Some(meters.server_to_client.inner()),
+    };
+    Ok(copy::bidirectional(client, server, copy::IDLE, worker.copy_buffer, meters).await?)
 }
