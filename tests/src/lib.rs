@@ -4,6 +4,7 @@
 
 pub mod h2;
 pub mod net;
+pub mod tunnel;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

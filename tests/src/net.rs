@@ -15,7 +15,6 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::{json, Map, Value};
-use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -312,7 +311,8 @@ impl SilentBackend {
 }
 
 /// A TLS backend for passthrough: its own certificate, HTTP/1.1 inside, answering with its
-/// name; with `proxy_protocol` it first reads a PROXY v1 line and records it.
+/// name; with `proxy_protocol` it first reads a PROXY header (v1 or v2) and records it as
+/// [`crate::tunnel::read_proxy_header`] describes it.
 pub struct TlsBackend {
     pub addr: SocketAddr,
     pub proxy_lines: Arc<Mutex<Vec<String>>>,
@@ -364,18 +364,11 @@ impl TlsBackend {
                 let (acceptor, lines, name) = (acceptor.clone(), lines.clone(), name.clone());
                 tokio::spawn(async move {
                     if proxy_protocol {
-                        let mut line = Vec::new();
-                        let mut byte = [0u8; 1];
-                        while !line.ends_with(b"\r\n") && line.len() < 108 {
-                            if stream.read_exact(&mut byte).await.is_err() {
-                                return;
-                            }
-                            line.push(byte[0]);
-                        }
-                        lines
-                            .lock()
-                            .unwrap()
-                            .push(String::from_utf8_lossy(&line).trim_end().to_owned());
+                        let Some(header) = crate::tunnel::read_proxy_header(&mut stream).await
+                        else {
+                            return;
+                        };
+                        lines.lock().unwrap().push(header);
                     }
                     let Ok(tls) = acceptor.accept(stream).await else {
                         return;
@@ -494,7 +487,10 @@ fn build(
 pub struct H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>);
 
 impl H1 {
-    pub async fn new(tls: tokio_rustls::client::TlsStream<TcpStream>) -> H1 {
+    pub async fn new<IO>(tls: IO) -> H1
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .expect("h1 handshake");
@@ -519,7 +515,10 @@ impl H1 {
 pub struct H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>);
 
 impl H2 {
-    pub async fn new(tls: tokio_rustls::client::TlsStream<TcpStream>) -> H2 {
+    pub async fn new<IO>(tls: IO) -> H2
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (send, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
                 .await
