@@ -114,6 +114,8 @@ pub struct EchoBackend {
     pub uploaded: Arc<std::sync::atomic::AtomicU64>,
     /// Status every answer carries (200 unless a test makes the backend sick).
     pub status: Arc<std::sync::atomic::AtomicU16>,
+    /// Trailer fields of the request bodies it read, in order.
+    pub trailers: Arc<Mutex<Vec<(String, String)>>>,
     task: JoinHandle<()>,
     /// Closes every open connection when set (a crash, as peers see it).
     stop: tokio::sync::watch::Sender<bool>,
@@ -139,12 +141,14 @@ impl EchoBackend {
         let connections = Arc::new(AtomicUsize::new(0));
         let uploaded = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
-        let (n, s, c, u, st) = (
+        let trailers = Arc::new(Mutex::new(Vec::new()));
+        let (n, s, c, u, st, tr) = (
             name.to_owned(),
             seen.clone(),
             connections.clone(),
             uploaded.clone(),
             status.clone(),
+            trailers.clone(),
         );
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
@@ -155,14 +159,26 @@ impl EchoBackend {
                 let mut stopped = stopped.clone();
                 // A connection counts once it carries a request (bare TCP health checks do not).
                 let counted = Arc::new(AtomicBool::new(false));
-                let (n, s, u, st, c) = (n.clone(), s.clone(), u.clone(), st.clone(), c.clone());
+                let (n, s, u, st, c, tr) = (
+                    n.clone(),
+                    s.clone(),
+                    u.clone(),
+                    st.clone(),
+                    c.clone(),
+                    tr.clone(),
+                );
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         if !counted.swap(true, Ordering::SeqCst) {
                             c.fetch_add(1, Ordering::SeqCst);
                         }
-                        let (n, s, up, code) =
-                            (n.clone(), s.clone(), u.clone(), st.load(Ordering::SeqCst));
+                        let (n, s, up, code, tr) = (
+                            n.clone(),
+                            s.clone(),
+                            u.clone(),
+                            st.load(Ordering::SeqCst),
+                            tr.clone(),
+                        );
                         async move {
                             let seen = Seen {
                                 method: req.method().to_string(),
@@ -178,8 +194,11 @@ impl EchoBackend {
                             };
                             s.lock().unwrap().push(seen);
                             // `/big?n=N` answers N bytes at once, streamed, and counts the upload
-                            // alongside (full duplex); anything else echoes what it received.
+                            // alongside (full duplex); `/trailers` records the request's trailers
+                            // and answers `ok` with a declared `x-checksum` trailer; anything
+                            // else echoes what it received.
                             let big = req.uri().path() == "/big";
+                            let with_trailers = req.uri().path() == "/trailers";
                             let n_bytes: u64 = req
                                 .uri()
                                 .query()
@@ -193,9 +212,33 @@ impl EchoBackend {
                                     if let Some(d) = frame.data_ref() {
                                         received += d.len() as u64;
                                     }
+                                    if let Some(t) = frame.trailers_ref() {
+                                        tr.lock().unwrap().extend(t.iter().map(|(k, v)| {
+                                            let v = v.to_str().unwrap_or("").to_owned();
+                                            (k.as_str().to_owned(), v)
+                                        }));
+                                    }
                                 }
                                 received
                             };
+                            if with_trailers {
+                                count.await;
+                                let mut fields = http::HeaderMap::new();
+                                fields.insert("x-checksum", "abc".parse().expect("value"));
+                                let frames = [
+                                    Ok(hyper::body::Frame::data(Bytes::from_static(b"ok"))),
+                                    Ok(hyper::body::Frame::trailers(fields)),
+                                ];
+                                let body = http_body_util::StreamBody::new(
+                                    futures_util::stream::iter(frames),
+                                );
+                                return Ok::<_, Infallible>(
+                                    Response::builder()
+                                        .header("trailer", "x-checksum")
+                                        .body(BodyExt::boxed(body))
+                                        .expect("response"),
+                                );
+                            }
                             let out: BoxBody = if big {
                                 tokio::spawn(
                                     async move { up.fetch_add(count.await, Ordering::SeqCst) },
@@ -236,6 +279,7 @@ impl EchoBackend {
             connections,
             uploaded,
             status,
+            trailers,
             task,
             stop,
         }

@@ -1187,3 +1187,96 @@ async fn a_request_on_a_kept_alive_connection_the_backend_just_closed_is_sent_ag
     .await;
     assert_eq!(dropped, Some(5), "every reused connection was tried first");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_pass_both_ways_between_http2_or_http1_clients_and_an_http1_backend() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use sluice_tests::net::BoxBody;
+    let s = seed().await;
+    let empty = || -> BoxBody { http_body_util::Empty::new().map_err(|n| match n {}).boxed() };
+    // A body with a trailer, declared in `Trailer` as RFC 9110 6.6.2 asks of senders (an
+    // HTTP/1.1 hop carries only declared trailer fields).
+    let with_trailer = |value: &'static str| -> BoxBody {
+        let mut fields = http::HeaderMap::new();
+        fields.insert("x-client-sum", http::HeaderValue::from_static(value));
+        let frames = [
+            Ok(Frame::data(Bytes::from_static(b"payload"))),
+            Ok(Frame::trailers(fields)),
+        ];
+        StreamBody::new(futures_util::stream::iter(frames)).boxed()
+    };
+    let checksum = |trailers: Option<&http::HeaderMap>| {
+        trailers
+            .and_then(|t| t.get("x-checksum"))
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    let tls = tls_connect(s.worker.https, "redmine.beerme", s.ca.der(), &[b"h2"])
+        .await
+        .unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake::<_, _, BoxBody>(
+        TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let tls = tls_connect(s.worker.https, "redmine.beerme", s.ca.der(), &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (mut h1, conn) = hyper::client::conn::http1::handshake::<_, BoxBody>(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+
+    for (i, (client, method)) in [("h2", "GET"), ("h2", "POST"), ("h1", "GET"), ("h1", "POST")]
+        .into_iter()
+        .enumerate()
+    {
+        let case = format!("{client} {method}");
+        let value: &'static str = ["1", "2", "3", "4"][i];
+        let mut req = http::Request::builder().method(method);
+        req = if client == "h2" {
+            req.uri("https://redmine.beerme/trailers")
+        } else {
+            // An HTTP/1.1 client gets trailers only when it says it takes them.
+            req.uri("/trailers")
+                .header("host", "redmine.beerme")
+                .header("te", "trailers")
+        };
+        let req = if method == "POST" {
+            req.header("trailer", "x-client-sum")
+                .body(with_trailer(value))
+        } else {
+            req.body(empty())
+        }
+        .unwrap();
+        let resp = if client == "h2" {
+            h2.ready().await.unwrap();
+            h2.send_request(req).await
+        } else {
+            h1.ready().await.unwrap();
+            h1.send_request(req).await
+        }
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
+        assert_eq!(resp.status(), 200, "{case}");
+        let got = resp.into_body().collect().await.unwrap();
+        assert_eq!(
+            checksum(got.trailers()).as_deref(),
+            Some("abc"),
+            "{case}: the backend's trailer reached the client"
+        );
+        assert_eq!(got.to_bytes(), "ok", "{case}");
+        if method == "POST" {
+            let reached = s
+                .redmine
+                .iter()
+                .flat_map(|b| b.trailers.lock().unwrap().clone())
+                .any(|(k, v)| k == "x-client-sum" && v == value);
+            assert!(reached, "{case}: the client's trailer reached the backend");
+        }
+    }
+}

@@ -6,8 +6,8 @@
 use std::net::IpAddr;
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, FORWARDED, HOST, TE, TRAILER,
-    TRANSFER_ENCODING, UPGRADE,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, FORWARDED, HOST, TE, TRANSFER_ENCODING,
+    UPGRADE,
 };
 use sluice_shared::RequestHeaders;
 
@@ -20,14 +20,15 @@ static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port"
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1), plus
-/// `proxy-connection`. (Names made once: this runs on every request and response.)
-fn hop_by_hop() -> [&'static HeaderName; 7] {
+/// `proxy-connection`. (Names made once: this runs on every request and response.) `Trailer`
+/// is not one of them: it declares the message's trailer fields end to end (RFC 9110 6.6.2),
+/// and an HTTP/1.1 hop carries only the trailer fields it declares.
+fn hop_by_hop() -> [&'static HeaderName; 6] {
     [
         &CONNECTION,
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
         &TE,
-        &TRAILER,
         &TRANSFER_ENCODING,
         &UPGRADE,
     ]
@@ -182,10 +183,12 @@ mod tests {
             ("transfer-encoding", "chunked"),
             ("te", "trailers"),
             ("x-keep", "yes"),
+            ("trailer", "x-checksum"),
         ]);
         strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
+        assert_eq!(h.len(), 2);
         assert_eq!(h["x-keep"], "yes");
+        assert_eq!(h["trailer"], "x-checksum", "end to end, not hop by hop");
     }
 
     #[test]

@@ -331,7 +331,10 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
         ),
         Some((host, _)) => {
             let upgrade = upgrade_of(&req);
-            let te_trailers = wants_trailers(&req);
+            // Whether trailers can reach the client (always over HTTP/2; an HTTP/1.1 client
+            // says so with `TE: trailers`); if so the backend is told it may send them (an
+            // HTTP/1.1 server, hyper's for one, keeps them to itself otherwise).
+            let te_trailers = req.version() == http::Version::HTTP_2 || wants_trailers(&req);
             forward_request(
                 req.headers_mut(),
                 &Forwarding {
@@ -341,6 +344,10 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
                     rules: &host.request_headers,
                 },
             );
+            if te_trailers {
+                req.headers_mut()
+                    .insert(http::header::TE, HeaderValue::from_static("trailers"));
+            }
             match proxy(&conn, &rt, host, req, upgrade, te_trailers).await {
                 Ok((resp, server)) => (resp, Some(server)),
                 Err(e) => {
