@@ -586,6 +586,14 @@ async fn fifty_snapshot_switches_during_load_fail_no_request() {
         "the newest rules are in force"
     );
     assert!(done.load(Ordering::Relaxed) > 50);
+    // The backend did not change: its kept-alive connections served through every switch (at
+    // most one per concurrent request per server: 4 clients, 2 servers).
+    let opened: usize = s
+        .redmine
+        .iter()
+        .map(|b| b.connections.load(Ordering::SeqCst))
+        .sum();
+    assert!(opened <= 8, "{opened} upstream connections for 4 clients");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
