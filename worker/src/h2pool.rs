@@ -119,7 +119,8 @@ pub struct H2Conn {
     in_flight: AtomicUsize,
     /// Set once the connection is dead or going away: no new streams.
     closed: AtomicBool,
-    idle_since: Mutex<Instant>,
+    /// On tokio's clock, like the keep-alive timer that reads it.
+    idle_since: Mutex<tokio::time::Instant>,
 }
 
 impl H2Conn {
@@ -244,7 +245,7 @@ impl Drop for Lease {
                 .conn
                 .idle_since
                 .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                .unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
         }
         self.server.metrics.streams.dec();
     }
@@ -425,7 +426,7 @@ async fn publish(server: &Arc<Server>, hs: Handshaken) -> Result<Arc<H2Conn>, St
         send,
         in_flight: AtomicUsize::new(0),
         closed: AtomicBool::new(false),
-        idle_since: Mutex::new(Instant::now()),
+        idle_since: Mutex::new(tokio::time::Instant::now()),
     });
     server
         .conns
@@ -487,8 +488,99 @@ fn still_h1_only(learned: Option<Instant>, now: Instant) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{still_h1_only, Windows, H1_ONLY_RECHECK};
+    use super::*;
     use std::time::{Duration, Instant};
+
+    /// An in-memory HTTP/2 server for one connection, allowing `max_streams` concurrent
+    /// streams; it stops reading (so PINGs go unanswered) once `freeze` is notified.
+    fn serve(io: tokio::io::DuplexStream, max_streams: u32, freeze: Arc<tokio::sync::Notify>) {
+        tokio::spawn(async move {
+            let mut conn = h2::server::Builder::new()
+                .max_concurrent_streams(max_streams)
+                .handshake::<_, Bytes>(io)
+                .await
+                .expect("server handshake");
+            loop {
+                tokio::select! {
+                    accepted = conn.accept() => if accepted.is_none() { return },
+                    () = freeze.notified() => {
+                        // Alive but deaf: hold the connection, never poll it again.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// A stream slot from `pool`, opening a connection to a fresh in-memory server if needed.
+    async fn lease(pool: &H2Pool, key: &PoolKey, freeze: &Arc<tokio::sync::Notify>) -> Lease {
+        let open = || async {
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            serve(server, 1, freeze.clone());
+            Ok(Opened::H2(
+                handshake(client, Windows::default())
+                    .await
+                    .expect("handshake"),
+            ))
+        };
+        match pool.acquire(key, open).await.expect("acquire") {
+            Acquired::H2(lease) => lease,
+            Acquired::H1(_) => unreachable!("an HTTP/2 opener"),
+        }
+    }
+
+    fn open_connections(pool: &H2Pool) -> u64 {
+        pool.stats().values().map(|s| s.connections).sum()
+    }
+
+    fn key() -> PoolKey {
+        PoolKey {
+            address: "10.0.0.1:80".into(),
+            tls: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_whose_peer_stops_answering_pings_is_dropped() {
+        let pool = H2Pool::default();
+        let freeze = Arc::new(tokio::sync::Notify::new());
+        drop(lease(&pool, &key(), &freeze).await);
+        assert_eq!(open_connections(&pool), 1);
+        freeze.notify_waiters();
+        // Idle, so the keep-alive PING goes out after KEEPALIVE; unanswered, it fails after
+        // PING_TIMEOUT more (paused time: the clock jumps to each timer).
+        tokio::time::sleep(KEEPALIVE + PING_TIMEOUT - Duration::from_secs(1)).await;
+        assert_eq!(open_connections(&pool), 1, "not before the PING timed out");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(open_connections(&pool), 0, "a dead connection is dropped");
+        // The next request opens a new one.
+        let freeze = Arc::new(tokio::sync::Notify::new());
+        let _lease = lease(&pool, &key(), &freeze).await;
+        assert_eq!(open_connections(&pool), 1);
+        assert_eq!(pool.stats()["10.0.0.1:80"].connections_opened, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_extra_connection_closes_when_idle_and_the_last_one_later() {
+        let pool = H2Pool::default();
+        let freeze = Arc::new(tokio::sync::Notify::new());
+        // One stream per connection: a second concurrent request needs a second connection.
+        let (a, b) = (
+            lease(&pool, &key(), &freeze).await,
+            lease(&pool, &key(), &freeze).await,
+        );
+        assert_eq!(open_connections(&pool), 2);
+        drop((a, b));
+        // PINGs keep both alive, but the extra one closes after EXTRA_IDLE (checked on the
+        // next keep-alive tick)...
+        tokio::time::sleep(EXTRA_IDLE + KEEPALIVE).await;
+        assert_eq!(open_connections(&pool), 1);
+        // ...and the last one only after LAST_IDLE.
+        tokio::time::sleep(LAST_IDLE - EXTRA_IDLE - KEEPALIVE * 2).await;
+        assert_eq!(open_connections(&pool), 1);
+        tokio::time::sleep(KEEPALIVE * 3).await;
+        assert_eq!(open_connections(&pool), 0);
+    }
 
     #[test]
     fn an_http1_only_server_is_asked_again_after_the_recheck_time() {
