@@ -1288,3 +1288,107 @@ async fn trailers_pass_both_ways_between_http2_or_http1_clients_and_an_http1_bac
         }
     }
 }
+
+/// Read one HTTP/1.1 response with a `Content-Length` from a raw stream; returns its status.
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> u16 {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("a content-length");
+            if got.len() >= end + 4 + length {
+                return head[9..12].parse().expect("a status");
+            }
+        }
+        let n = stream.read(&mut buf).await.expect("read");
+        assert!(n > 0, "closed mid-response");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_keep_alive_waits_the_idle_timeout_and_a_begun_head_only_the_header_timeout() {
+    use futures_util::{SinkExt, StreamExt};
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let s = seed().await;
+    let dir = tempfile::tempdir().unwrap();
+    let worker = Worker::start_with(
+        &s.api.url(),
+        dir.path(),
+        "edge-keepalive",
+        WORKER_TOKEN,
+        &[
+            ("SLUICE_HEADER_TIMEOUT_MS", "500"),
+            ("SLUICE_IDLE_TIMEOUT_MS", "1500"),
+        ],
+    );
+    worker.wait_version(s.api.version().await).await;
+    let (header, idle) = (Duration::from_millis(500), Duration::from_millis(1500));
+    let get = b"GET / HTTP/1.1\r\nHost: redmine.beerme\r\n\r\n";
+    let connect = || tls_connect(worker.https, "redmine.beerme", s.ca.der(), &[b"http/1.1"]);
+    // Waits until the worker closes the connection; returns how long that took.
+    let closed = |mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>| async move {
+        let from = Instant::now();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(idle * 3, tls.read(&mut buf))
+            .await
+            .expect("closed in time");
+        assert!(!matches!(read, Ok(n) if n > 0), "closed without an answer");
+        from.elapsed()
+    };
+
+    let mut tls = connect().await.unwrap();
+    tls.write_all(get).await.unwrap();
+    assert_eq!(read_response(&mut tls).await, 200);
+    // Quiet for twice the header timeout, within the idle timeout: the connection is kept.
+    // (The scenario is a span of time; the test waits it out.)
+    tokio::time::sleep(header * 2).await;
+    tls.write_all(get).await.unwrap();
+    assert_eq!(
+        read_response(&mut tls).await,
+        200,
+        "kept alive past the header timeout"
+    );
+    // A head begun and left incomplete: closed after the header timeout, not the idle one.
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: redm")
+        .await
+        .unwrap();
+    let waited = closed(tls).await;
+    assert!(
+        waited >= header - Duration::from_millis(100) && waited < idle,
+        "an incomplete head closed after {waited:?}"
+    );
+    // Served once, then silent: closed after the idle timeout.
+    let mut tls = connect().await.unwrap();
+    tls.write_all(get).await.unwrap();
+    assert_eq!(read_response(&mut tls).await, 200);
+    let waited = closed(tls).await;
+    assert!(
+        waited >= idle - Duration::from_millis(100),
+        "an idle connection closed after {waited:?}"
+    );
+    // A WebSocket is no longer HTTP/1.1: a pause longer than both timeouts does not end it.
+    let tls = tls_connect(worker.https, "ws.beerme", s.ca.der(), &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("wss://ws.beerme/chat", tls)
+        .await
+        .expect("websocket handshake");
+    assert_eq!(resp.status(), 101);
+    for text in ["before", "after"] {
+        ws.send(Message::Text(text.into())).await.unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+        if text == "before" {
+            tokio::time::sleep(idle + header).await;
+        }
+    }
+}

@@ -1,11 +1,19 @@
 //! Idle tracking for long-lived client connections. [`Activity`] remembers when bytes last
 //! moved (a passthrough or upgraded tunnel); [`Requests`] counts the requests in flight on a
-//! multiplexed HTTP/2 connection and says when it has had none for the idle timeout, so the
-//! connection can be closed with a GOAWAY instead of being held open forever.
+//! terminated connection (HTTP/1.1 or HTTP/2) and says when it has had none for the idle
+//! timeout, so the connection can be closed (with a GOAWAY on HTTP/2) instead of being held
+//! open forever; [`HeadDeadline`] gives an HTTP/1.1 request head the header timeout from its
+//! first byte, so the two timeouts are separate (NGINX's `keepalive_timeout` and
+//! `client_header_timeout`).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -46,6 +54,10 @@ impl Activity {
 #[derive(Debug, Default)]
 pub struct Requests {
     in_flight: AtomicUsize,
+    /// Requests started so far.
+    started: AtomicU64,
+    /// The connection switched protocols (a WebSocket): its bytes are no longer HTTP/1.1.
+    upgraded: std::sync::atomic::AtomicBool,
     activity: Activity,
 }
 
@@ -61,10 +73,18 @@ impl Drop for InFlight {
     }
 }
 
+impl InFlight {
+    /// This request switched the connection to another protocol (101): no more heads to time.
+    pub fn upgraded(&self) {
+        self.0.upgraded.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Requests {
     /// A request has arrived.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.started.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
 
@@ -81,6 +101,116 @@ impl Requests {
                 _ => timeout,
             };
         }
+    }
+}
+
+/// An HTTP/1.1 client stream whose reads fail with `TimedOut` once a request head has been
+/// arriving for longer than the header timeout: from its first byte after the connection went
+/// idle (or, for the first request, from the start) until the server takes the request. The
+/// wait for that first byte is the idle timeout's business ([`Requests::idle`]). hyper's own
+/// header timer cannot tell the two apart: it starts as soon as hyper waits for the next head.
+///
+/// Cheap on the hot path: no clock read or timer unless a read comes back empty while a head
+/// is incomplete.
+pub struct HeadDeadline<IO> {
+    io: IO,
+    requests: Arc<Requests>,
+    timeout: Duration,
+    /// A head has begun: the count of requests started when its first byte came, and its
+    /// deadline once armed.
+    head: Option<(u64, bool)>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<IO> HeadDeadline<IO> {
+    /// `io`, on which the first request's bytes have begun to arrive.
+    pub fn new(io: IO, requests: Arc<Requests>, timeout: Duration) -> HeadDeadline<IO> {
+        let started = requests.started.load(Ordering::Relaxed);
+        HeadDeadline {
+            io,
+            requests,
+            timeout,
+            head: Some((started, false)),
+            timer: None,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for HeadDeadline<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if this.requests.in_flight.load(Ordering::Relaxed) > 0
+            || this.requests.upgraded.load(Ordering::Relaxed)
+        {
+            // Serving: these bytes are a body or a pipelined request, not a head to time.
+            this.head = None;
+            return polled;
+        }
+        let started = this.requests.started.load(Ordering::Relaxed);
+        match (&polled, &mut this.head) {
+            (Poll::Ready(Ok(())), None) if buf.filled().len() > before => {
+                this.head = Some((started, false));
+            }
+            (Poll::Pending, Some((at, _))) if *at != started => {
+                // That head became a request, served since: idle again.
+                this.head = None;
+            }
+            (Poll::Pending, Some((_, armed))) => {
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(this.timeout)));
+                if !*armed {
+                    timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + this.timeout);
+                    *armed = true;
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "request head not complete within the header timeout",
+                    )));
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

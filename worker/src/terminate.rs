@@ -152,9 +152,8 @@ pub async fn serve(
         certificate,
         peer,
     });
-    // HTTP/2: the requests in flight, so an idle connection can be closed (HTTP/1.1 waits for
-    // its next request only the header timeout: hyper's timer runs from the previous answer).
-    let requests = h2.then(|| Arc::new(crate::idle::Requests::default()));
+    // The requests in flight, so a connection idle for the idle timeout can be closed.
+    let requests = Arc::new(crate::idle::Requests::default());
     // Boxed: hyper keeps a slot for the in-flight request's future for the whole connection;
     // a pointer there instead of the whole state machine (several KiB) keeps idle keep-alive
     // connections small.
@@ -162,27 +161,27 @@ pub async fn serve(
         let requests = requests.clone();
         service_fn(move |req| {
             let conn = conn.clone();
-            let in_flight = requests.as_ref().map(|r| r.start());
+            let in_flight = requests.start();
             Box::pin(async move {
                 let resp = handle(conn, req).await;
-                Ok::<_, Infallible>(match in_flight {
-                    Some(in_flight) => resp.map(|body| crate::idle::hold(body, in_flight)),
-                    None => resp,
-                })
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    in_flight.upgraded();
+                }
+                Ok::<_, Infallible>(resp.map(|body| crate::idle::hold(body, in_flight)))
             })
         })
     };
-    let io = TokioIo::new(tls);
-    let result = if let Some(requests) = requests {
+    let idle = requests.idle(worker.idle_timeout);
+    let result = if h2 {
         let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_STREAMS)
             .max_header_list_size(MAX_HEADERS as u32)
-            .serve_connection(io, service);
+            .serve_connection(TokioIo::new(tls), service);
         tokio::pin!(connection);
         tokio::select! {
             result = connection.as_mut() => result,
-            () = requests.idle(worker.idle_timeout) => {
+            () = idle => {
                 tracing::debug!(%peer, "idle HTTP/2 connection; sending GOAWAY");
                 connection.as_mut().graceful_shutdown();
                 // Nothing is in flight: a peer that stalls the GOAWAY exchange is dropped
@@ -193,14 +192,25 @@ pub async fn serve(
             }
         }
     } else {
-        hyper::server::conn::http1::Builder::new()
+        // hyper's header timer would also end idle keep-alive connections (it runs whenever
+        // hyper waits for a head); the header timeout runs in the stream instead, from a
+        // head's first byte, and the idle timeout here.
+        let io = crate::idle::HeadDeadline::new(tls, requests.clone(), worker.header_timeout);
+        let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(worker.header_timeout)
+            .header_read_timeout(None)
             .max_buf_size(MAX_HEADERS)
             .keep_alive(true)
-            .serve_connection(io, service)
-            .with_upgrades()
-            .await
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        tokio::pin!(connection);
+        tokio::select! {
+            result = connection.as_mut() => result,
+            () = idle => {
+                tracing::debug!(%peer, "idle HTTP/1.1 connection; closing");
+                Ok(())
+            }
+        }
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
