@@ -40,13 +40,14 @@ pub struct WorkerArgs {
     /// `tcp-request inspect-delay`); slower connections are closed.
     #[arg(long, env = "SLUICE_HELLO_TIMEOUT_MS", default_value_t = 5_000)]
     pub hello_timeout_ms: u64,
-    /// How long a client may take to send a request's headers, in milliseconds, the first one
-    /// counted from the end of the TLS handshake (NGINX's `client_header_timeout`); slower
-    /// connections are closed.
+    /// How long a client may take to send a request's headers, in milliseconds, counted from
+    /// their first byte (the first request's from the end of the TLS handshake; NGINX's
+    /// `client_header_timeout`); slower connections are closed.
     #[arg(long, env = "SLUICE_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_timeout_ms: u64,
-    /// How long an HTTP/2 client connection may stay open with no request in flight, in
-    /// milliseconds; then it gets a GOAWAY and is closed (NGINX's `keepalive_timeout`).
+    /// How long a client connection (HTTP/1.1 keep-alive or HTTP/2) may stay open with no
+    /// request in flight, in milliseconds; then it is closed, HTTP/2 after a GOAWAY (NGINX's
+    /// `keepalive_timeout`).
     #[arg(long, env = "SLUICE_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
     pub idle_timeout_ms: u64,
     /// On SIGTERM, how long open connections may take to finish, in milliseconds.
