@@ -64,11 +64,12 @@ h2load_run() { # proxy url
   python3 bench/parse.py h2load "$1" <<<"$out"
 }
 bulk_run() { # proxy url: 8 connections downloading a 64 MiB file through the proxy; with the
-  # proxy's CPU seconds over the run (none for the direct baseline)
+  # proxy's CPU seconds over the run (none for the direct baseline). wrk's default 2 s timeout
+  # would count a 64 MiB answer slowed by a busy machine as a socket error.
   local out pids cpu0=0 cpu1=0
   pids=$(proxy_pids "$1" | tr ',' ' ')
   [[ -n $pids ]] && cpu0=$(cpu_of $pids)
-  out=$(taskset -c $LOAD_CORE wrk -t1 -c8 -d${DUR}s "$2" 2>&1 || true)
+  out=$(taskset -c $LOAD_CORE wrk -t1 -c8 -d${DUR}s --timeout 30s "$2" 2>&1 || true)
   [[ -n $pids ]] && cpu1=$(cpu_of $pids)
   python3 bench/parse.py bulk "$1" "" "$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')" "$DUR" <<<"$out"
 }
