@@ -3,6 +3,7 @@
 //! overwritten (never trusted from the client), `Host` is kept (and made from `:authority` for
 //! HTTP/2 clients), then the host's own `request_headers` rules apply.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use http::header::{
@@ -35,6 +36,11 @@ fn hop_by_hop() -> [&'static HeaderName; 6] {
 
 /// Remove hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One look at each name first: removing means hashing every name, and usually (HTTP/2,
+    // most responses) there is nothing to remove.
+    if !headers.keys().any(|k| hop_by_hop().contains(&k)) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         let listed: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -52,25 +58,50 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The forwarded-header values every request of one client connection shares, made once
+/// per connection.
+#[derive(Debug, Clone)]
+pub struct ForwardedValues {
+    /// The client address, as appended to `X-Forwarded-For`.
+    client: HeaderValue,
+    /// `X-Forwarded-Port`: the port clients reached us on.
+    port: HeaderValue,
+}
+
+impl ForwardedValues {
+    pub fn new(client: IpAddr, public_port: u16) -> ForwardedValues {
+        ForwardedValues {
+            client: HeaderValue::from_str(&client.to_string())
+                .expect("an IP address is a valid header value"),
+            port: HeaderValue::from(public_port),
+        }
+    }
+}
+
 /// What the forwarded headers say about a request.
 #[derive(Debug, Clone)]
 pub struct Forwarding<'a> {
-    pub client: IpAddr,
+    pub connection: &'a ForwardedValues,
     /// The host as the client sent it (`Host` or `:authority`, port included).
     pub host: &'a str,
-    /// The port clients reached us on.
-    pub public_port: u16,
     pub rules: &'a RequestHeaders,
 }
 
 /// Rewrite request headers for the upstream (see the module docs).
 pub fn forward_request(headers: &mut HeaderMap, f: &Forwarding<'_>) {
     strip_hop_by_hop(headers);
-    // Client-supplied forwarding headers that are never passed on.
-    headers.remove(FORWARDED);
-    headers.remove(&X_REAL_IP);
-    let client = f.client.to_string();
-    let xff = if headers.contains_key(&X_FORWARDED_FOR) {
+    // Client-supplied forwarding headers that are never passed on (removed only if there).
+    let (mut forwarded, mut xff) = (false, false);
+    for name in headers.keys() {
+        forwarded |= name == FORWARDED || name == X_REAL_IP;
+        xff |= name == X_FORWARDED_FOR;
+    }
+    if forwarded {
+        headers.remove(FORWARDED);
+        headers.remove(&X_REAL_IP);
+    }
+    let client = &f.connection.client;
+    let xff = if xff {
         let mut earlier: Vec<&str> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
@@ -78,17 +109,23 @@ pub fn forward_request(headers: &mut HeaderMap, f: &Forwarding<'_>) {
             .map(str::trim)
             .filter(|v| !v.is_empty())
             .collect();
-        earlier.push(&client);
-        earlier.join(", ")
+        earlier.push(client.to_str().unwrap_or_default());
+        HeaderValue::from_str(&earlier.join(", ")).ok()
     } else {
-        client
+        Some(client.clone())
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
-    headers.insert(X_FORWARDED_PORT.clone(), HeaderValue::from(f.public_port));
-    if let Ok(host) = HeaderValue::from_str(f.host) {
+    headers.insert(X_FORWARDED_PORT.clone(), f.connection.port.clone());
+    // An HTTP/1.1 client's `Host` is already a value (shared, not copied); HTTP/2's
+    // `:authority` becomes one.
+    let host = match headers.get(HOST) {
+        Some(v) if v.as_bytes() == f.host.as_bytes() => Some(v.clone()),
+        _ => HeaderValue::from_str(f.host).ok(),
+    };
+    if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST.clone(), host.clone());
         headers.insert(HOST, host);
     }
@@ -105,27 +142,28 @@ pub fn forward_request(headers: &mut HeaderMap, f: &Forwarding<'_>) {
     }
 }
 
-/// The host name of a `Host`/`:authority` value: port removed, lower case, no trailing dot.
-pub fn host_name(authority: &str) -> String {
-    let without_port = if authority.starts_with('[') {
+/// The host name of a `Host`/`:authority` value: port removed, lower case, no trailing dot
+/// (borrowed when the value is that already, as it mostly is).
+pub fn host_name(authority: &str) -> Cow<'_, str> {
+    let name = if authority.starts_with('[') {
         authority
-            .split(']')
-            .next()
-            .map(|h| format!("{h}]"))
-            .unwrap_or_default()
+            .find(']')
+            .map_or(authority, |end| &authority[..=end])
     } else {
-        authority
-            .rsplit_once(':')
-            .map_or(authority, |(h, p)| {
-                if p.bytes().all(|b| b.is_ascii_digit()) {
-                    h
-                } else {
-                    authority
-                }
-            })
-            .to_owned()
+        authority.rsplit_once(':').map_or(authority, |(h, p)| {
+            if p.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                authority
+            }
+        })
     };
-    without_port.trim_end_matches('.').to_ascii_lowercase()
+    let name = name.trim_end_matches('.');
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    }
 }
 
 #[cfg(test)]
@@ -159,9 +197,8 @@ mod tests {
         forward_request(
             &mut h,
             &Forwarding {
-                client: "192.0.2.7".parse().unwrap(),
+                connection: &ForwardedValues::new("192.0.2.7".parse().unwrap(), 443),
                 host: "redmine.beerme",
-                public_port: 443,
                 rules: &rules,
             },
         );
@@ -200,9 +237,8 @@ mod tests {
         forward_request(
             &mut h,
             &Forwarding {
-                client: "::1".parse().unwrap(),
+                connection: &ForwardedValues::new("::1".parse().unwrap(), 443),
                 host: "a.example:8443",
-                public_port: 443,
                 rules: &rules,
             },
         );
@@ -219,5 +255,11 @@ mod tests {
         assert_eq!(host_name("redmine.beerme."), "redmine.beerme");
         assert_eq!(host_name("[::1]:443"), "[::1]");
         assert_eq!(host_name("a.example"), "a.example");
+        assert!(matches!(
+            host_name("a.example:443"),
+            Cow::Borrowed("a.example")
+        ));
+        assert_eq!(host_name("[::1]"), "[::1]");
+        assert_eq!(host_name("A.Example."), "a.example");
     }
 }

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use uuid::Uuid;
 
 use crate::h2pool::{Acquired, Opened};
-use crate::headers::{forward_request, host_name, strip_hop_by_hop, Forwarding};
+use crate::headers::{forward_request, host_name, strip_hop_by_hop, ForwardedValues, Forwarding};
 use crate::pool::{PoolKey, Returning};
 use crate::prefixed::Prefixed;
 use crate::runtime::Runtime;
@@ -87,7 +87,8 @@ struct Conn {
     /// The certificate this connection was handshaken with.
     certificate: Uuid,
     peer: SocketAddr,
-    public_port: u16,
+    /// This connection's `X-Forwarded-For` and `-Port` values.
+    forwarded: ForwardedValues,
 }
 
 fn local_response(status: StatusCode, text: &str) -> Response<ResBody> {
@@ -146,7 +147,10 @@ pub async fn serve(
     }
     drop(waiting);
     let conn = Arc::new(Conn {
-        public_port: worker.public_https_port.unwrap_or(local.port()),
+        forwarded: ForwardedValues::new(
+            peer.ip(),
+            worker.public_https_port.unwrap_or(local.port()),
+        ),
         worker: worker.clone(),
         rt,
         certificate,
@@ -348,9 +352,8 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
             forward_request(
                 req.headers_mut(),
                 &Forwarding {
-                    client: conn.peer.ip(),
+                    connection: &conn.forwarded,
                     host: &authority,
-                    public_port: conn.public_port,
                     rules: &host.request_headers,
                 },
             );
