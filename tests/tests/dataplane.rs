@@ -1106,8 +1106,10 @@ async fn an_idle_http2_connection_is_closed_but_not_while_a_request_is_in_flight
         .expect("the idle connection was closed")
         .expect("connection task")
         .expect("a clean GOAWAY close");
+    // The worker counts from when the answer left it (in whole milliseconds), a little before
+    // the client had it: a few milliseconds' slack, not a close on the spot.
     let idle = answered.elapsed();
-    assert!(idle >= Duration::from_millis(800), "closed after {idle:?}");
+    assert!(idle >= Duration::from_millis(750), "closed after {idle:?}");
 }
 
 /// A backend that answers the first request of each connection (chunked, with a trailer) and

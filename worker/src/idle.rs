@@ -24,14 +24,16 @@ use crate::terminate::{BoxError, ResBody};
 #[derive(Debug)]
 pub struct Activity {
     start: Instant,
-    last_ms: AtomicU64,
+    /// Microseconds from `start` to the last touch (whole milliseconds would make the idle
+    /// time up to a millisecond too long, and a timeout fire that much early).
+    last_us: AtomicU64,
 }
 
 impl Default for Activity {
     fn default() -> Self {
         Activity {
             start: Instant::now(),
-            last_ms: AtomicU64::new(0),
+            last_us: AtomicU64::new(0),
         }
     }
 }
@@ -39,13 +41,13 @@ impl Default for Activity {
 impl Activity {
     /// Something happened now.
     pub fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_us
+            .store(self.start.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
 
     /// How long since the last [`Activity::touch`] (or since creation).
     pub fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        let last = Duration::from_micros(self.last_us.load(Ordering::Relaxed));
         self.start.elapsed().saturating_sub(last)
     }
 }
