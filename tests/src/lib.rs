@@ -216,6 +216,13 @@ impl Api {
     }
 
     /// The newest committed version.
+    /// POST `body` to `path` as the admin, expect 201, and return the new object's id.
+    pub async fn create(&self, path: &str, body: Value) -> String {
+        let (status, reply) = self.http.post(path, body).await;
+        assert_eq!(status, 201, "POST {path}: {reply}");
+        reply["id"].as_str().expect("an id").to_owned()
+    }
+
     pub async fn version(&self) -> u64 {
         self.http.get("/v1/config").await.1["version"]
             .as_u64()

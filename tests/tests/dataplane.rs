@@ -24,12 +24,6 @@ struct Seed {
     _dir: tempfile::TempDir,
 }
 
-async fn post(api: &Api, path: &str, body: Value) -> String {
-    let (status, reply) = api.http.post(path, body).await;
-    assert_eq!(status, 201, "POST {path}: {reply}");
-    reply["id"].as_str().unwrap().to_owned()
-}
-
 /// The seed scenario of DESIGN.md on loopback, plus hosts for the error cases.
 async fn seed() -> Seed {
     let dir = tempfile::tempdir().unwrap();
@@ -79,8 +73,7 @@ async fn seed() -> Seed {
     let silent = SilentBackend::start().await;
     ids.insert(
         "cert".into(),
-        post(
-            &api,
+        api.create(
             "/v1/certificates",
             json!({"name": "beerme", "cert_pem": chain, "key_pem": key}),
         )
@@ -89,8 +82,7 @@ async fn seed() -> Seed {
     let (chain2, key2) = ca.leaf(&["other.beerme"]);
     ids.insert(
         "cert2".into(),
-        post(
-            &api,
+        api.create(
             "/v1/certificates",
             json!({"name": "other", "cert_pem": chain2, "key_pem": key2}),
         )
@@ -104,8 +96,7 @@ async fn seed() -> Seed {
     };
     ids.insert(
         "redmine".into(),
-        post(
-            &api,
+        api.create(
             "/v1/backends",
             json!({"name": "redmine", "protocol": "http",
         "servers": servers(redmine.iter().map(|b| b.addr.to_string()).collect())}),
@@ -114,8 +105,7 @@ async fn seed() -> Seed {
     );
     ids.insert(
         "odoo".into(),
-        post(
-            &api,
+        api.create(
             "/v1/backends",
             json!({"name": "odoo", "protocol": "tcp",
         "servers": servers(odoo[..2].iter().map(|b| b.addr.to_string()).collect())}),
@@ -124,8 +114,7 @@ async fn seed() -> Seed {
     );
     ids.insert(
         "pp".into(),
-        post(
-            &api,
+        api.create(
             "/v1/backends",
             json!({"name": "pp", "protocol": "tcp",
         "servers": servers(vec![odoo[2].addr.to_string()])}),
@@ -135,8 +124,7 @@ async fn seed() -> Seed {
     // Nothing listens on port 1: connects are refused.
     ids.insert(
         "dead".into(),
-        post(
-            &api,
+        api.create(
             "/v1/backends",
             json!({"name": "dead", "protocol": "http",
         "servers": [{"address": "127.0.0.1:1"}]}),
@@ -145,8 +133,7 @@ async fn seed() -> Seed {
     );
     ids.insert(
         "empty".into(),
-        post(
-            &api,
+        api.create(
             "/v1/backends",
             json!({"name": "empty", "protocol": "http", "servers": []}),
         )
@@ -160,20 +147,21 @@ async fn seed() -> Seed {
     };
     ids.insert(
         "secure".into(),
-        post(&api, "/v1/backends", secure("secure", &odoo_ca.pem)).await,
+        api.create("/v1/backends", secure("secure", &odoo_ca.pem))
+            .await,
     );
     ids.insert(
         "badca".into(),
-        post(&api, "/v1/backends", secure("badca", &ca.pem)).await,
+        api.create("/v1/backends", secure("badca", &ca.pem)).await,
     );
     let plain = |name: &str, addr: std::net::SocketAddr| json!({"name": name, "protocol": "http", "servers": [{"address": addr.to_string()}]});
     ids.insert(
         "ws".into(),
-        post(&api, "/v1/backends", plain("ws", ws.addr)).await,
+        api.create("/v1/backends", plain("ws", ws.addr)).await,
     );
     ids.insert(
         "slow".into(),
-        post(&api, "/v1/backends", plain("slow", silent.addr)).await,
+        api.create("/v1/backends", plain("slow", silent.addr)).await,
     );
     let backend_ids = ids.clone();
     let host = |name: &str, mode: &str, backend: &str| json!({"hostname": name, "mode": mode, "backend_id": backend_ids[backend]});
@@ -181,30 +169,22 @@ async fn seed() -> Seed {
     redmine_host["request_headers"] = json!({"set": {"x-env": "prod"}, "remove": ["x-debug"]});
     ids.insert(
         "redmine.beerme".into(),
-        post(&api, "/v1/hosts", redmine_host).await,
+        api.create("/v1/hosts", redmine_host).await,
     );
-    post(
-        &api,
-        "/v1/hosts",
-        host("odoo.beerme", "passthrough", "odoo"),
-    )
-    .await;
+    api.create("/v1/hosts", host("odoo.beerme", "passthrough", "odoo"))
+        .await;
     let mut pp = host("pp.beerme", "passthrough", "pp");
     pp["proxy_protocol"] = json!("v1");
-    post(&api, "/v1/hosts", pp).await;
+    api.create("/v1/hosts", pp).await;
     let mut other = host("other.beerme", "terminate", "redmine");
     other["certificate_id"] = json!(ids["cert2"]);
-    post(&api, "/v1/hosts", other).await;
-    post(&api, "/v1/hosts", host("down.beerme", "terminate", "dead")).await;
-    post(
-        &api,
-        "/v1/hosts",
-        host("empty.beerme", "terminate", "empty"),
-    )
-    .await;
+    api.create("/v1/hosts", other).await;
+    api.create("/v1/hosts", host("down.beerme", "terminate", "dead"))
+        .await;
+    api.create("/v1/hosts", host("empty.beerme", "terminate", "empty"))
+        .await;
     for name in ["secure", "badca", "ws", "slow"] {
-        post(
-            &api,
+        api.create(
             "/v1/hosts",
             host(&format!("{name}.beerme"), "terminate", name),
         )
@@ -420,18 +400,19 @@ async fn passthrough_reaches_backends_that_hold_their_own_certificate() {
         assert!(bytes > 4.0 * 200.0, "{series} = {bytes}: {closed}");
     }
     // A passthrough host whose only server refuses connections: a failure of that host.
-    let backend = post(
-        &s.api,
-        "/v1/backends",
-        json!({"name": "refusing", "protocol": "tcp", "servers": [{"address": "127.0.0.1:1"}]}),
-    )
-    .await;
-    post(
-        &s.api,
-        "/v1/hosts",
-        json!({"hostname": "gone.beerme", "mode": "passthrough", "backend_id": backend}),
-    )
-    .await;
+    let backend = s
+        .api
+        .create(
+            "/v1/backends",
+            json!({"name": "refusing", "protocol": "tcp", "servers": [{"address": "127.0.0.1:1"}]}),
+        )
+        .await;
+    s.api
+        .create(
+            "/v1/hosts",
+            json!({"hostname": "gone.beerme", "mode": "passthrough", "backend_id": backend}),
+        )
+        .await;
     s.worker.wait_version(s.api.version().await).await;
     assert!(
         tls_connect(s.worker.https, "gone.beerme", s.odoo_ca.der(), &[b"h2"])
@@ -638,20 +619,21 @@ async fn https_backends_are_verified_against_their_ca_and_name() {
     // A backend that offers only http/1.1 gets HTTP/1.1.
     let (chain, key) = s.odoo_ca.leaf(&["legacy.internal"]);
     let legacy = TlsBackend::start_alpn("legacy", &chain, &key, false, &[b"http/1.1"]).await;
-    let backend = post(
-        &s.api,
-        "/v1/backends",
-        json!({"name": "legacy", "protocol": "https",
+    let backend = s
+        .api
+        .create(
+            "/v1/backends",
+            json!({"name": "legacy", "protocol": "https",
             "servers": [{"address": legacy.addr.to_string()}],
             "tls": {"verify": true, "ca_pem": s.odoo_ca.pem, "server_name": "legacy.internal"}}),
-    )
-    .await;
-    post(
-        &s.api,
-        "/v1/hosts",
-        json!({"hostname": "legacy.beerme", "mode": "terminate", "backend_id": backend}),
-    )
-    .await;
+        )
+        .await;
+    s.api
+        .create(
+            "/v1/hosts",
+            json!({"hostname": "legacy.beerme", "mode": "terminate", "backend_id": backend}),
+        )
+        .await;
     s.worker.wait_version(s.api.version().await).await;
     let mut client = s.h2("legacy.beerme").await;
     for _ in 0..3 {
@@ -1156,19 +1138,17 @@ async fn closing_backend() -> (std::net::SocketAddr, Arc<(AtomicUsize, AtomicUsi
 async fn a_request_on_a_kept_alive_connection_the_backend_just_closed_is_sent_again() {
     let s = seed().await;
     let (addr, counts) = closing_backend().await;
-    let backend = post(
-        &s.api,
-        "/v1/backends",
+    let backend = s.api.create("/v1/backends",
         json!({"name": "closing", "protocol": "http", "servers": [{"address": addr.to_string()}]}),
     )
     .await;
-    post(
-        &s.api,
-        "/v1/hosts",
-        json!({"hostname": "closing.beerme", "mode": "terminate", "backend_id": backend,
+    s.api
+        .create(
+            "/v1/hosts",
+            json!({"hostname": "closing.beerme", "mode": "terminate", "backend_id": backend,
             "certificate_id": s.ids["cert"]}),
-    )
-    .await;
+        )
+        .await;
     let v = s.api.version().await;
     s.worker.wait_version(v).await;
 

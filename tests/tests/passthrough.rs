@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 use sluice_tests::net::{backend_of, tls_connect, EchoBackend, TestCa, TlsBackend, H1, H2};
 use sluice_tests::tunnel::{
     fingerprint, hash_to_eof, leaf_der, tls_connect_probed, write_pattern, Hello, StreamBackend,
@@ -28,12 +28,6 @@ struct Edge {
     _dir: tempfile::TempDir,
 }
 
-async fn post(api: &Api, path: &str, body: Value) -> String {
-    let (status, reply) = api.http.post(path, body).await;
-    assert_eq!(status, 201, "POST {path}: {reply}");
-    reply["id"].as_str().unwrap().to_owned()
-}
-
 /// `redmine.beerme` terminated at the proxy; `odoo.beerme`, `pp2.beerme` (PROXY v2) and
 /// `bulk.beerme` (the streaming backend) passed through, all on the worker's one HTTPS port.
 async fn edge() -> Edge {
@@ -43,12 +37,12 @@ async fn edge() -> Edge {
     let (proxy_ca, backend_ca) = (TestCa::new(), TestCa::new());
     let (chain, key) = proxy_ca.leaf(&["redmine.beerme"]);
     let proxy_leaf = leaf_der(&chain).to_vec();
-    let cert = post(
-        &api,
-        "/v1/certificates",
-        json!({"name": "edge", "cert_pem": chain, "key_pem": key}),
-    )
-    .await;
+    let cert = api
+        .create(
+            "/v1/certificates",
+            json!({"name": "edge", "cert_pem": chain, "key_pem": key}),
+        )
+        .await;
     let (own_chain, own_key) = backend_ca.leaf(&["odoo.beerme", "pp2.beerme", "bulk.beerme"]);
     let backend_leaf = leaf_der(&own_chain).to_vec();
     let echo = EchoBackend::start("redmine-1").await;
@@ -56,9 +50,10 @@ async fn edge() -> Edge {
     let pp = TlsBackend::start("odoo-pp", &own_chain, &own_key, true).await;
     let bulk = StreamBackend::start(&own_chain, &own_key).await;
     let backend = |name: &str, protocol: &str, addr: std::net::SocketAddr| json!({"name": name, "protocol": protocol, "servers": [{"address": addr.to_string()}]});
-    let redmine = post(&api, "/v1/backends", backend("redmine", "http", echo.addr)).await;
-    post(
-        &api,
+    let redmine = api
+        .create("/v1/backends", backend("redmine", "http", echo.addr))
+        .await;
+    api.create(
         "/v1/hosts",
         json!({"hostname": "redmine.beerme", "mode": "terminate", "backend_id": redmine,
             "certificate_id": cert}),
@@ -69,9 +64,8 @@ async fn edge() -> Edge {
         ("pp2.beerme", "pp", pp.addr, "v2"),
         ("bulk.beerme", "bulk", bulk.addr, "none"),
     ] {
-        let id = post(&api, "/v1/backends", backend(name, "tcp", addr)).await;
-        post(
-            &api,
+        let id = api.create("/v1/backends", backend(name, "tcp", addr)).await;
+        api.create(
             "/v1/hosts",
             json!({"hostname": host, "mode": "passthrough", "backend_id": id,
                 "proxy_protocol": proxy_protocol}),

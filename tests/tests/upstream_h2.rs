@@ -20,12 +20,6 @@ struct Edge {
     _dir: tempfile::TempDir,
 }
 
-async fn post(api: &Api, path: &str, body: Value) -> String {
-    let (status, reply) = api.http.post(path, body).await;
-    assert_eq!(status, 201, "POST {path}: {reply}");
-    reply["id"].as_str().unwrap().to_owned()
-}
-
 /// An API, one worker, and a `*.beerme` certificate.
 async fn edge() -> (Edge, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -45,12 +39,12 @@ async fn edge() -> (Edge, String) {
         "leaving.beerme",
         "rpc.beerme",
     ]);
-    let cert = post(
-        &api,
-        "/v1/certificates",
-        json!({"name": "beerme", "cert_pem": chain, "key_pem": key}),
-    )
-    .await;
+    let cert = api
+        .create(
+            "/v1/certificates",
+            json!({"name": "beerme", "cert_pem": chain, "key_pem": key}),
+        )
+        .await;
     (
         Edge {
             api,
@@ -66,10 +60,8 @@ impl Edge {
     /// A terminate host `name` over a backend with these servers; returns the backend id once
     /// the worker serves it.
     async fn host(&self, cert: &str, name: &str, backend: Value) -> String {
-        let id = post(&self.api, "/v1/backends", backend).await;
-        post(
-            &self.api,
-            "/v1/hosts",
+        let id = self.api.create("/v1/backends", backend).await;
+        self.api.create("/v1/hosts",
             json!({"hostname": name, "mode": "terminate", "backend_id": id, "certificate_id": cert}),
         )
         .await;
