@@ -178,9 +178,23 @@ mod tests {
         // 100 KiB through a 1 KiB buffer, then the client half-closes.
         let data: Vec<u8> = (0..100 * 1024).map(|i| (i % 251) as u8).collect();
         client.write_all(&data).await.expect("write");
+        let mut got = vec![0u8; data.len()];
+        server.read_exact(&mut got).await.expect("read");
+        // Counted as they passed, with the tunnel still open (the count follows the relay's
+        // write, so it may trail the server's read by a moment).
+        let counted = async {
+            while metered.0.load(Ordering::Relaxed) < data.len() as u64 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), counted)
+            .await
+            .expect("the bytes counted while the tunnel is open");
+        assert!(!copy.is_finished());
         client.shutdown().await.expect("shutdown");
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.expect("read to EOF");
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.expect("read to EOF");
+        assert!(rest.is_empty());
         assert_eq!(got, data);
         // The other direction still works after the half-close.
         server.write_all(b"answer").await.expect("write back");
