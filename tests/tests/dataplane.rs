@@ -227,6 +227,15 @@ impl Seed {
         H2::new(tls).await
     }
 
+    /// A second worker on the same API with these settings (as `SLUICE_*` variables), serving
+    /// the current version; keep the directory alive as long as the worker.
+    async fn own_worker(&self, name: &str, env: &[(&str, &str)]) -> (tempfile::TempDir, Worker) {
+        let dir = tempfile::tempdir().unwrap();
+        let worker = Worker::start_with(&self.api.url(), dir.path(), name, WORKER_TOKEN, env);
+        worker.wait_version(self.api.version().await).await;
+        (dir, worker)
+    }
+
     fn seen(&self) -> Vec<sluice_tests::net::Seen> {
         self.redmine.iter().flat_map(|b| b.requests()).collect()
     }
@@ -759,13 +768,7 @@ async fn a_gibibyte_streams_both_ways_with_bounded_worker_memory() {
         .unwrap();
     let (status, _, received) = stream_both(tls, "redmine.beerme", 0, GIB, "/big").await;
     assert_eq!((status, received), (200, GIB));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", s.worker.proc.pid())).unwrap();
-    let peak_kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+    let peak_kb = s.worker.proc.peak_rss_kib();
     assert!(
         peak_kb < 128 * 1024,
         "worker peak RSS {peak_kb} kB while streaming 2 GiB"
@@ -1051,18 +1054,15 @@ async fn an_idle_http2_connection_is_closed_but_not_while_a_request_is_in_flight
     use std::time::{Duration, Instant};
     let s = seed().await;
     // A worker of its own, with an idle timeout shorter than the upstream response timeout.
-    let dir = tempfile::tempdir().unwrap();
-    let worker = Worker::start_with(
-        &s.api.url(),
-        dir.path(),
-        "edge-idle",
-        WORKER_TOKEN,
-        &[
-            ("SLUICE_IDLE_TIMEOUT_MS", "800"),
-            ("SLUICE_RESPONSE_TIMEOUT_MS", "1500"),
-        ],
-    );
-    worker.wait_version(s.api.version().await).await;
+    let (_dir, worker) = s
+        .own_worker(
+            "edge-idle",
+            &[
+                ("SLUICE_IDLE_TIMEOUT_MS", "800"),
+                ("SLUICE_RESPONSE_TIMEOUT_MS", "1500"),
+            ],
+        )
+        .await;
     let tls = tls_connect(worker.https, "slow.beerme", s.ca.der(), &[b"h2"])
         .await
         .expect("tls");
@@ -1301,18 +1301,15 @@ async fn http1_keep_alive_waits_the_idle_timeout_and_a_begun_head_only_the_heade
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_tungstenite::tungstenite::Message;
     let s = seed().await;
-    let dir = tempfile::tempdir().unwrap();
-    let worker = Worker::start_with(
-        &s.api.url(),
-        dir.path(),
-        "edge-keepalive",
-        WORKER_TOKEN,
-        &[
-            ("SLUICE_HEADER_TIMEOUT_MS", "500"),
-            ("SLUICE_IDLE_TIMEOUT_MS", "1500"),
-        ],
-    );
-    worker.wait_version(s.api.version().await).await;
+    let (_dir, worker) = s
+        .own_worker(
+            "edge-keepalive",
+            &[
+                ("SLUICE_HEADER_TIMEOUT_MS", "500"),
+                ("SLUICE_IDLE_TIMEOUT_MS", "1500"),
+            ],
+        )
+        .await;
     let (header, idle) = (Duration::from_millis(500), Duration::from_millis(1500));
     let get = b"GET / HTTP/1.1\r\nHost: redmine.beerme\r\n\r\n";
     let connect = || tls_connect(worker.https, "redmine.beerme", s.ca.der(), &[b"http/1.1"]);

@@ -234,13 +234,7 @@ async fn a_gibibyte_each_way_passes_through_intact_with_bounded_worker_memory() 
         received_hash, streamed.sent,
         "the download arrived unchanged"
     );
-    let status = std::fs::read_to_string(format!("/proc/{}/status", e.worker.proc.pid())).unwrap();
-    let peak_kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+    let peak_kb = e.worker.proc.peak_rss_kib();
     assert!(
         peak_kb < 64 * 1024,
         "worker peak RSS {peak_kb} kB while passing 2 GiB"
