@@ -74,7 +74,7 @@ async fn metrics(State(w): State<Arc<Worker>>) -> Response {
 
 async fn health(
     State(w): State<Arc<Worker>>,
-) -> Json<std::collections::HashMap<Uuid, crate::health::ServerHealth>> {
+) -> Json<foldhash::HashMap<Uuid, crate::health::ServerHealth>> {
     Json(w.health.snapshot())
 }
 

@@ -2,7 +2,7 @@
 //! way shuts down the write side of the other), and a connection idle in both directions for
 //! longer than the idle timeout is closed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -33,6 +33,17 @@ pub const IDLE: Duration = Duration::from_secs(300);
 /// carry; `bench/run` compares 8, 16 and 64 KiB.
 pub const BUFFER: usize = 16 * 1024;
 
+/// How a direction's end is passed on.
+#[derive(Debug, Clone, Copy)]
+struct Ends<'a> {
+    /// Set by the first direction to see its EOF.
+    one_ended: &'a AtomicBool,
+    /// Dropping the streams sends the last EOF by itself (plain TCP: `close` sends the FIN;
+    /// the receive buffer is empty, both reads having seen EOF). A TLS stream needs its
+    /// `shutdown` for the close_notify.
+    close_sends_eof: bool,
+}
+
 /// One direction. Per connection this runs for every byte the proxy passes, so it allocates
 /// its buffer without zeroing it and keeps one idle timer registered (moved only when it
 /// fires early) instead of arming a timeout around every read.
@@ -43,6 +54,7 @@ async fn pump<R, W>(
     activity: &Activity,
     buffer: usize,
     meter: Option<&AtomicU64>,
+    ends: Ends<'_>,
 ) -> std::io::Result<u64>
 where
     R: AsyncRead + Unpin,
@@ -71,8 +83,13 @@ where
             }
         };
         if n == 0 {
-            // Half-close: pass the EOF on and keep the other direction going.
-            let _ = to.shutdown().await;
+            // Half-close: pass the EOF on and keep the other direction going. When the other
+            // direction has ended already, both streams close next: the close passes this EOF
+            // on when it can, saving a system call per connection.
+            let last = ends.one_ended.swap(true, Ordering::Relaxed);
+            if !(last && ends.close_sends_eof) {
+                let _ = to.shutdown().await;
+            }
             return Ok(total);
         }
         to.write_all(&buf).await?;
@@ -95,7 +112,7 @@ pub async fn bidirectional(
     meters: Meters<'_>,
 ) -> std::io::Result<Moved> {
     // Borrowed halves: both directions run in this task, no shared ownership needed.
-    both(client.split(), server.split(), idle, buffer, meters).await
+    both(client.split(), server.split(), idle, buffer, meters, true).await
 }
 
 /// [`bidirectional`] for any pair of streams (an upgraded HTTP connection and its upstream).
@@ -115,6 +132,7 @@ where
         idle,
         buffer,
         Meters::default(),
+        false,
     )
     .await
 }
@@ -125,6 +143,7 @@ async fn both<CR, CW, SR, SW>(
     idle: Duration,
     buffer: usize,
     meters: Meters<'_>,
+    close_sends_eof: bool,
 ) -> std::io::Result<Moved>
 where
     CR: AsyncRead + Unpin,
@@ -133,9 +152,30 @@ where
     SW: AsyncWrite + Unpin,
 {
     let activity = Activity::default();
+    let one_ended = AtomicBool::new(false);
+    let ends = Ends {
+        one_ended: &one_ended,
+        close_sends_eof,
+    };
     let (up, down) = tokio::try_join!(
-        pump(cr, sw, idle, &activity, buffer, meters.client_to_server),
-        pump(sr, cw, idle, &activity, buffer, meters.server_to_client)
+        pump(
+            cr,
+            sw,
+            idle,
+            &activity,
+            buffer,
+            meters.client_to_server,
+            ends
+        ),
+        pump(
+            sr,
+            cw,
+            idle,
+            &activity,
+            buffer,
+            meters.server_to_client,
+            ends
+        )
     )?;
     Ok(Moved {
         client_to_server: up,

@@ -87,7 +87,10 @@ async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: SocketAddr, lo
         }
         Mode::Terminate => {
             let host = host.clone();
-            crate::terminate::serve(
+            // Boxed: the termination state machine (hyper's connection, several KiB) would
+            // otherwise make every connection's task that large, passthrough ones included,
+            // and be copied into each spawned task.
+            Box::pin(crate::terminate::serve(
                 worker.clone(),
                 rt.clone(),
                 stream,
@@ -95,7 +98,7 @@ async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: SocketAddr, lo
                 host,
                 peer,
                 local,
-            )
+            ))
             .await;
         }
     }

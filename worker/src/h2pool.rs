@@ -10,7 +10,7 @@
 //! when an extra connection has been idle for a while. The pool belongs to the worker, so
 //! connections survive configuration switches.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

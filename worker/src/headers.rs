@@ -36,25 +36,47 @@ fn hop_by_hop() -> [&'static HeaderName; 6] {
 
 /// Remove hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One look at each name first: removing means hashing every name, and usually (HTTP/2,
-    // most responses) there is nothing to remove.
-    if !headers.keys().any(|k| hop_by_hop().contains(&k)) {
+    // One look at each name first: removing means hashing a name, and usually (HTTP/2, most
+    // responses) there is nothing to remove, or only `Connection`.
+    let hop = hop_by_hop();
+    let mut present = [false; 6];
+    for name in headers.keys() {
+        if let Some(i) = hop.iter().position(|h| *h == name) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
         return;
     }
-    if headers.contains_key(CONNECTION) {
-        let listed: Vec<HeaderName> = headers
+    // `Connection: keep-alive` / `close` (nearly every HTTP/1.1 message that has the header)
+    // lists only names removed below anyway: nothing to collect or allocate.
+    let tokens = || {
+        headers
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().to_ascii_lowercase().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case("close")
+                    && !hop_by_hop()
+                        .iter()
+                        .any(|h| t.eq_ignore_ascii_case(h.as_str()))
+            })
+    };
+    if tokens().next().is_some() {
+        let listed: Vec<HeaderName> = tokens()
+            .filter_map(|t| HeaderName::from_bytes(t.to_ascii_lowercase().as_bytes()).ok())
             .collect();
         for name in listed {
             headers.remove(name);
         }
     }
-    for name in hop_by_hop() {
-        headers.remove(name);
+    for (name, present) in hop.into_iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
 }
 
@@ -83,7 +105,7 @@ impl ForwardedValues {
 pub struct Forwarding<'a> {
     pub connection: &'a ForwardedValues,
     /// The host as the client sent it (`Host` or `:authority`, port included).
-    pub host: &'a str,
+    pub host: &'a HeaderValue,
     pub rules: &'a RequestHeaders,
 }
 
@@ -119,16 +141,8 @@ pub fn forward_request(headers: &mut HeaderMap, f: &Forwarding<'_>) {
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
     headers.insert(X_FORWARDED_PORT.clone(), f.connection.port.clone());
-    // An HTTP/1.1 client's `Host` is already a value (shared, not copied); HTTP/2's
-    // `:authority` becomes one.
-    let host = match headers.get(HOST) {
-        Some(v) if v.as_bytes() == f.host.as_bytes() => Some(v.clone()),
-        _ => HeaderValue::from_str(f.host).ok(),
-    };
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-        headers.insert(HOST, host);
-    }
+    headers.insert(X_FORWARDED_HOST.clone(), f.host.clone());
+    headers.insert(HOST, f.host.clone());
     for name in &f.rules.remove {
         headers.remove(name.as_str());
     }
@@ -198,7 +212,7 @@ mod tests {
             &mut h,
             &Forwarding {
                 connection: &ForwardedValues::new("192.0.2.7".parse().unwrap(), 443),
-                host: "redmine.beerme",
+                host: &HeaderValue::from_static("redmine.beerme"),
                 rules: &rules,
             },
         );
@@ -213,7 +227,8 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_listed_headers_are_dropped() {
         let mut h = map(&[
-            ("connection", "keep-alive, x-secret"),
+            ("connection", "Keep-Alive, X-Secret"),
+            ("connection", "close"),
             ("keep-alive", "timeout=5"),
             ("x-secret", "1"),
             ("transfer-encoding", "chunked"),
@@ -238,7 +253,7 @@ mod tests {
             &mut h,
             &Forwarding {
                 connection: &ForwardedValues::new("::1".parse().unwrap(), 443),
-                host: "a.example:8443",
+                host: &HeaderValue::from_static("a.example:8443"),
                 rules: &rules,
             },
         );

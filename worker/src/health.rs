@@ -14,7 +14,7 @@
 //! the host's name as SNI and keeps what the certificate says — a certificate that does not
 //! cover the name or has expired leaves the server up but carries a warning.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

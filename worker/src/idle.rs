@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 
 use crate::terminate::{BoxError, ResBody};
 
@@ -216,33 +215,37 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<IO> {
     }
 }
 
-/// `body`, keeping `in_flight` until it has been sent whole or dropped.
-pub fn hold(body: ResBody, in_flight: InFlight) -> ResBody {
-    struct Held {
-        inner: ResBody,
-        _in_flight: InFlight,
+/// A response body that keeps its request counted as in flight until it has been sent whole
+/// or dropped.
+pub struct Held {
+    inner: ResBody,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Held {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
     }
-    impl hyper::body::Body for Held {
-        type Data = Bytes;
-        type Error = BoxError;
-        fn poll_frame(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
-            std::pin::Pin::new(&mut self.inner).poll_frame(cx)
-        }
-        fn is_end_stream(&self) -> bool {
-            self.inner.is_end_stream()
-        }
-        fn size_hint(&self) -> hyper::body::SizeHint {
-            self.inner.size_hint()
-        }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
     }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// `body`, keeping `in_flight` until it has been sent whole or dropped (not boxed again: one
+/// allocation per response less).
+pub fn hold(body: ResBody, in_flight: InFlight) -> Held {
     Held {
         inner: body,
         _in_flight: in_flight,
     }
-    .boxed()
 }
 
 #[cfg(test)]

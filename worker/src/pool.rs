@@ -11,7 +11,9 @@
 //! belongs to the worker, not to a snapshot, so connections to unchanged servers survive a
 //! configuration switch.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};

@@ -6,7 +6,7 @@
 //! half-built state is never visible. [`Current`] holds the one in force; readers take a cheap
 //! snapshot of the pointer per connection, so a switch never mixes two versions.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -322,8 +322,8 @@ pub fn build(
         exact,
         wildcard,
         host_labels,
-        host_certificates: validated.host_certificates,
-        cert_facts: validated.certificates,
+        host_certificates: validated.host_certificates.into_iter().collect(),
+        cert_facts: validated.certificates.into_iter().collect(),
     })
 }
 

@@ -311,18 +311,13 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody
         .current
         .load()
         .unwrap_or_else(|| conn.rt.clone());
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
-    let name = host_name(&authority);
+    // As a header value: the `Host` passed on (an HTTP/1.1 client's is shared, not copied).
+    let authority = match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => req.headers().get(http::header::HOST).cloned(),
+    }
+    .unwrap_or_else(|| HeaderValue::from_static(""));
+    let name = host_name(authority.to_str().unwrap_or_default());
     // The access line's fields are taken only when that line is enabled.
     let logged =
         tracing::enabled!(target: "sluice_worker::access", tracing::Level::INFO).then(|| {
@@ -590,9 +585,10 @@ async fn choose<'a>(
     let (pool, h2pool) = (&conn.worker.pool, &conn.worker.h2pool);
     let backend = route.backend;
     let tls = route.tls;
-    let mut tried: Vec<usize> = Vec::with_capacity(2);
+    // The servers tried (at most two; no allocation on the request path).
+    let mut tried = [usize::MAX; 2];
     let mut last_error = UpstreamError::NoServer;
-    for _ in 0..2 {
+    for round in 0..2 {
         let Some(pick) = route
             .balancer
             .pick(|i| !tried.contains(&i) && conn.worker.health.usable(backend.servers[i].id))
@@ -644,7 +640,7 @@ async fn choose<'a>(
                     Some(e.to_string()),
                 );
                 last_error = e;
-                tried.push(pick.index);
+                tried[round] = pick.index;
             }
         }
     }

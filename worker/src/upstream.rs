@@ -51,20 +51,20 @@ pub async fn connect_server(server: &Server) -> Result<TcpStream, UpstreamError>
 
 /// Connect to a server of the backend, retrying once on another server if the connect fails;
 /// returns the stream, the server address and the balancer's pick (drop it when done).
-pub async fn connect_with_pick(
+pub async fn connect_with_pick<'rt>(
     health: &crate::health::Health,
-    rt: &Runtime,
+    rt: &'rt Runtime,
     backend_id: Uuid,
-) -> Result<(TcpStream, String, Pick), UpstreamError> {
+) -> Result<(TcpStream, &'rt sluice_shared::ServerAddr, Pick), UpstreamError> {
     let backend = rt
         .backend(backend_id)
         .ok_or(UpstreamError::NoBackend(backend_id))?;
     let balancer = rt
         .balancer(backend_id)
         .ok_or(UpstreamError::NoBackend(backend_id))?;
-    let mut tried: Vec<usize> = Vec::with_capacity(2);
+    let mut tried = [usize::MAX; 2];
     let mut last_error = None;
-    for _ in 0..2 {
+    for attempt in 0..2 {
         let Some(pick) =
             balancer.pick(|i| !tried.contains(&i) && health.usable(backend.servers[i].id))
         else {
@@ -72,7 +72,7 @@ pub async fn connect_with_pick(
         };
         let server = &backend.servers[pick.index];
         match connect_server(server).await {
-            Ok(stream) => return Ok((stream, server.address.to_string(), pick)),
+            Ok(stream) => return Ok((stream, &server.address, pick)),
             Err(e) => {
                 tracing::debug!(error = %e, "upstream connect failed");
                 // Passive detection: a failed connect counts toward `fall`.
@@ -84,7 +84,7 @@ pub async fn connect_with_pick(
                     Some(e.to_string()),
                 );
                 last_error = Some(e);
-                tried.push(pick.index);
+                tried[attempt] = pick.index;
             }
         }
     }
