@@ -23,7 +23,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
@@ -219,7 +219,29 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
     // value lies is noted first (one allocation of the right size), the values are cut once
     // the head is split off.
     let mut spans = Vec::with_capacity(resp.headers.len());
+    // Connection-level fields are dropped here rather than copied into the map and removed
+    // after (nearly every response has `Connection: keep-alive`). `Transfer-Encoding` stays for
+    // the framing below, as does a `Connection` naming other fields (the caller's hop-by-hop
+    // rule removes those).
+    let mut close = false;
     for h in resp.headers.iter() {
+        match connection_level(h.name) {
+            Some(ConnectionLevel::Connection) => {
+                let mut other = false;
+                for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.is_empty() && connection_level_bytes(token).is_none() {
+                        other = true;
+                    }
+                }
+                if !other {
+                    continue;
+                }
+            }
+            Some(ConnectionLevel::Other) => continue,
+            None => {}
+        }
         let outside = || invalid("header field outside the head");
         spans.push((
             range_in(buf, h.name.as_bytes()).ok_or_else(outside)?,
@@ -240,7 +262,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
         headers.append(name, value);
     }
     let (framing, mut keep_alive) = framing(method, status, &headers)?;
-    keep_alive &= version == Version::HTTP_11 && !has_token(&headers, &CONNECTION, "close");
+    keep_alive &= version == Version::HTTP_11 && !close;
     if headers.contains_key(TRANSFER_ENCODING) {
         // Transfer-Encoding overrides Content-Length (RFC 9112 6.3), which is not passed on.
         headers.remove(CONTENT_LENGTH);
@@ -256,14 +278,30 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
     })))
 }
 
-/// Whether a comma-separated header lists `token` (case-insensitive).
-fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+/// A response field that describes the connection, not the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnectionLevel {
+    Connection,
+    /// `Keep-Alive`, `Proxy-Connection`, `TE`, `Upgrade` (on a final response).
+    Other,
+}
+
+/// Whether `name` (any case) is a connection-level field other than `Transfer-Encoding`.
+fn connection_level(name: &str) -> Option<ConnectionLevel> {
+    connection_level_bytes(name.as_bytes())
+}
+
+fn connection_level_bytes(name: &[u8]) -> Option<ConnectionLevel> {
+    // By length first: most names are ruled out without comparing.
+    let is = |known: &[u8]| name.len() == known.len() && name.eq_ignore_ascii_case(known);
+    match name.len() {
+        10 if is(b"connection") => Some(ConnectionLevel::Connection),
+        10 if is(b"keep-alive") => Some(ConnectionLevel::Other),
+        16 if is(b"proxy-connection") => Some(ConnectionLevel::Other),
+        2 if is(b"te") => Some(ConnectionLevel::Other),
+        7 if is(b"upgrade") => Some(ConnectionLevel::Other),
+        _ => None,
+    }
 }
 
 /// The body framing of a response (RFC 9112 6.3), and whether the framing allows reusing the
@@ -893,6 +931,43 @@ mod tests {
         // The close reaches the reactor first: wait until the socket reports it.
         closed.io.readable().await.expect("readable");
         assert!(!closed.is_usable());
+    }
+
+    /// The final head parsed from `raw`.
+    fn final_head(raw: &[u8]) -> Head {
+        let mut buf = BytesMut::from(raw);
+        match parse_head(&mut buf, &Method::GET) {
+            Ok(Some(Parsed::Final(head))) => head,
+            _ => panic!("no final head in {raw:?}"),
+        }
+    }
+
+    #[test]
+    fn connection_level_fields_are_dropped_while_parsing() {
+        let head = final_head(
+            b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\nKEEP-ALIVE: timeout=5\r\n\
+              Proxy-Connection: x\r\nUpgrade: h2c\r\nTE: trailers\r\nX-Kept: 1\r\n\
+              Content-Length: 0\r\n\r\n",
+        );
+        let names: Vec<&str> = head.parts.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-kept", "content-length"]);
+        assert!(head.keep_alive);
+        // `close` in any case, in any Connection field, ends reuse.
+        let head = final_head(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: upgrade, CLOSE\r\n\
+              Content-Length: 0\r\n\r\n",
+        );
+        assert_eq!(head.parts.headers.len(), 1, "only Content-Length");
+        assert!(!head.keep_alive);
+        // A Connection field naming another field stays, for the hop-by-hop rule to apply.
+        let mut head = final_head(
+            b"HTTP/1.1 200 OK\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\n\
+              Content-Length: 0\r\n\r\n",
+        );
+        assert!(!head.keep_alive);
+        crate::headers::strip_hop_by_hop(&mut head.parts.headers);
+        let names: Vec<&str> = head.parts.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["content-length"]);
     }
 
     #[test]
