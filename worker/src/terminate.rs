@@ -15,7 +15,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::server::ProducesTickets;
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
@@ -158,44 +158,44 @@ pub async fn serve(
     });
     // The requests in flight, so a connection idle for the idle timeout can be closed.
     let requests = Arc::new(crate::idle::Requests::default());
-    // Boxed: hyper keeps a slot for the in-flight request's future for the whole connection;
-    // a pointer there instead of the whole state machine (several KiB) keeps idle keep-alive
-    // connections small.
-    let service = {
-        let requests = requests.clone();
-        service_fn(move |req| {
+    let idle = requests.idle(worker.idle_timeout);
+    let result: Result<(), BoxError> = if h2 {
+        // Each stream's request runs inside the connection's task (crate::serve_h2).
+        let handler = |req: Request<crate::h2body::Recv>| {
             let conn = conn.clone();
             let in_flight = requests.start();
-            Box::pin(async move {
-                let resp = handle(conn, req).await;
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    in_flight.upgraded();
-                }
-                Ok::<_, Infallible>(resp.map(|body| crate::idle::hold(body, in_flight)))
-            })
-        })
-    };
-    let idle = requests.idle(worker.idle_timeout);
-    let result = if h2 {
-        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(MAX_STREAMS)
-            .max_header_list_size(MAX_HEADERS as u32)
-            .serve_connection(TokioIo::new(tls), service);
-        tokio::pin!(connection);
-        tokio::select! {
-            result = connection.as_mut() => result,
-            () = idle => {
-                tracing::debug!(%peer, "idle HTTP/2 connection; sending GOAWAY");
-                connection.as_mut().graceful_shutdown();
-                // Nothing is in flight: a peer that stalls the GOAWAY exchange is dropped
-                // after the header timeout.
-                tokio::time::timeout(worker.header_timeout, connection)
+            async move {
+                handle(conn, req.map(ReqBody::Http2))
                     .await
-                    .unwrap_or(Ok(()))
+                    .map(|body| crate::idle::hold(body, in_flight))
             }
-        }
+        };
+        let limits = crate::serve_h2::Limits {
+            max_streams: MAX_STREAMS,
+            max_header_list: MAX_HEADERS as u32,
+            grace: worker.header_timeout,
+        };
+        crate::serve_h2::serve(tls, limits, handler, idle)
+            .await
+            .map_err(BoxError::from)
     } else {
+        // Boxed: hyper keeps a slot for the in-flight request's future for the whole
+        // connection; a pointer there instead of the whole state machine (several KiB) keeps
+        // idle keep-alive connections small.
+        let service = {
+            let requests = requests.clone();
+            service_fn(move |req: Request<Incoming>| {
+                let conn = conn.clone();
+                let in_flight = requests.start();
+                Box::pin(async move {
+                    let resp = handle(conn, req.map(ReqBody::Http1)).await;
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        in_flight.upgraded();
+                    }
+                    Ok::<_, Infallible>(resp.map(|body| crate::idle::hold(body, in_flight)))
+                })
+            })
+        };
         // hyper's header timer would also end idle keep-alive connections (it runs whenever
         // hyper waits for a head); the header timeout runs in the stream instead, from a
         // head's first byte, and the idle timeout here.
@@ -209,7 +209,7 @@ pub async fn serve(
             .with_upgrades();
         tokio::pin!(connection);
         tokio::select! {
-            result = connection.as_mut() => result,
+            result = connection.as_mut() => result.map_err(BoxError::from),
             () = idle => {
                 tracing::debug!(%peer, "idle HTTP/1.1 connection; closing");
                 Ok(())
@@ -240,11 +240,50 @@ async fn first_bytes_arrived(
     }
 }
 
+/// A client's request body: hyper's (HTTP/1.1) or an h2 stream's (HTTP/2).
+pub enum ReqBody {
+    Http1(Incoming),
+    Http2(crate::h2body::Recv),
+}
+
+impl hyper::body::Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReqBody::Http1(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(BoxError::from))),
+            ReqBody::Http2(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(BoxError::from))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Http1(b) => b.is_end_stream(),
+            ReqBody::Http2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ReqBody::Http1(b) => b.size_hint(),
+            ReqBody::Http2(b) => b.size_hint(),
+        }
+    }
+}
+
 /// A request body that says when it has been sent whole, so the response timeout can start then
 /// (a long upload is not a slow server).
 pub struct Watched {
     /// `None`: no body (a request sent again on a fresh HTTP/2 stream).
-    inner: Option<Incoming>,
+    inner: Option<ReqBody>,
     done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -252,7 +291,7 @@ impl Watched {
     /// The receiver fires once the body has been sent whole; `None`: there is no body left to
     /// send (no channel is made for the common bodiless request).
     pub(crate) fn new(
-        inner: Option<Incoming>,
+        inner: Option<ReqBody>,
     ) -> (Watched, Option<tokio::sync::oneshot::Receiver<()>>) {
         let mut w = Watched { inner, done: None };
         if hyper::body::Body::is_end_stream(&w) {
@@ -272,12 +311,12 @@ impl Watched {
 
 impl hyper::body::Body for Watched {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         let Some(inner) = self.inner.as_mut() else {
             self.finish();
             return std::task::Poll::Ready(None);
@@ -303,7 +342,7 @@ impl hyper::body::Body for Watched {
 }
 
 /// Route, rewrite and proxy one request; every failure becomes a short local response.
-async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResBody> {
+async fn handle(conn: Arc<Conn>, mut req: Request<ReqBody>) -> Response<ResBody> {
     let start = Instant::now();
     // Each request sees the snapshot in force when it arrives, never a mix.
     let rt = conn
@@ -518,7 +557,7 @@ async fn open_h2(
 }
 
 /// The `Upgrade` value of an HTTP/1.1 upgrade request (`Connection: upgrade`), if it is one.
-fn upgrade_of(req: &Request<Incoming>) -> Option<HeaderValue> {
+fn upgrade_of(req: &Request<ReqBody>) -> Option<HeaderValue> {
     let connection_upgrade = req
         .headers()
         .get_all(http::header::CONNECTION)
@@ -534,7 +573,7 @@ fn upgrade_of(req: &Request<Incoming>) -> Option<HeaderValue> {
 }
 
 /// Whether the client asked for trailers (`TE: trailers`), which HTTP/2 upstreams may need.
-fn wants_trailers(req: &Request<Incoming>) -> bool {
+fn wants_trailers(req: &Request<ReqBody>) -> bool {
     req.headers()
         .get_all(http::header::TE)
         .iter()
@@ -656,7 +695,7 @@ async fn proxy(
     conn: &Conn,
     rt: &Runtime,
     host: &Host,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     upgrade: Option<HeaderValue>,
     te_trailers: bool,
 ) -> Result<(Response<ResBody>, Arc<str>), ProxyError> {
@@ -750,7 +789,7 @@ async fn proxy(
 /// One request over HTTP/1.1; the connection goes back to the pool when the response ends.
 async fn exchange_h1(
     conn: &Conn,
-    mut req: Request<Option<Incoming>>,
+    mut req: Request<Option<ReqBody>>,
     upgrade: Option<HeaderValue>,
     mut sender: hyper::client::conn::http1::SendRequest<Watched>,
     key: PoolKey,
@@ -874,7 +913,7 @@ async fn exchange_plain(
 /// request has no body to replay.
 async fn exchange_h2<R, F>(
     conn: &Conn,
-    req: Request<Option<Incoming>>,
+    req: Request<Option<ReqBody>>,
     lease: crate::h2pool::Lease,
     reopen: R,
     scheme: &'static str,

@@ -13,14 +13,15 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use h2::{Reason, RecvStream, SendStream};
+use h2::{Reason, SendStream};
 use http::{HeaderValue, Method, Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::h2body::Recv;
 use crate::h2pool::Lease;
-use crate::terminate::{BoxError, ResBody};
+use crate::terminate::{BoxError, ReqBody, ResBody};
 
 /// A request head that can be sent again (for the one retry of a refused stream).
 #[derive(Debug, Clone)]
@@ -103,7 +104,7 @@ fn classify(e: h2::Error, idempotent: bool) -> Failure {
 pub async fn send(
     lease: Lease,
     head: &Head,
-    body: Option<Incoming>,
+    body: Option<ReqBody>,
     response_timeout: Duration,
     sent_at: &mut Instant,
 ) -> Result<Response<ResBody>, Failure> {
@@ -157,95 +158,38 @@ pub async fn send(
     })?;
     let (parts, recv) = resp.into_parts();
     let body = H2Body {
-        recv,
-        state: State::Data,
+        recv: Recv::new(recv),
         hold: Some((lease, guard)),
     };
     Ok(Response::from_parts(parts, body.boxed()))
 }
 
-/// Copy the client's body into the upstream stream; on cancellation or a client error, reset
-/// the upstream stream.
+/// Copy the client's body into the upstream stream; on cancellation, a client error or a
+/// reset by the server, reset the upstream stream.
 async fn pipe(
-    mut body: Incoming,
-    mut stream: SendStream<Bytes>,
+    body: ReqBody,
+    stream: SendStream<Bytes>,
     cancel: CancellationToken,
     sent: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut send = crate::h2body::Send::new(body, stream);
     let result = tokio::select! {
         _ = cancel.cancelled() => Err(Reason::CANCEL),
-        r = pump(&mut body, &mut stream) => r,
+        r = &mut send => r,
     };
     match result {
         Ok(()) => {
             let _ = sent.send(());
         }
-        Err(reason) => stream.send_reset(reason),
+        Err(reason) => send.stream().send_reset(reason),
     }
 }
 
-async fn pump(body: &mut Incoming, stream: &mut SendStream<Bytes>) -> Result<(), Reason> {
-    loop {
-        let frame = match body.frame().await {
-            None => {
-                return stream
-                    .send_data(Bytes::new(), true)
-                    .map_err(|_| Reason::CANCEL)
-            }
-            Some(Err(_)) => return Err(Reason::CANCEL),
-            Some(Ok(frame)) => frame,
-        };
-        let frame = match frame.into_data() {
-            Ok(mut data) => {
-                let last = body.is_end_stream();
-                while !data.is_empty() {
-                    stream.reserve_capacity(data.len());
-                    let granted = match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
-                        Some(Ok(n)) => n,
-                        _ => return Err(Reason::CANCEL),
-                    };
-                    if granted == 0 {
-                        continue;
-                    }
-                    let chunk = data.split_to(granted.min(data.len()));
-                    stream
-                        .send_data(chunk, last && data.is_empty())
-                        .map_err(|_| Reason::CANCEL)?;
-                }
-                if last {
-                    return Ok(());
-                }
-                continue;
-            }
-            Err(frame) => frame,
-        };
-        if let Ok(trailers) = frame.into_trailers() {
-            return stream.send_trailers(trailers).map_err(|_| Reason::CANCEL);
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Data,
-    Trailers,
-    Done,
-}
-
-/// The upstream response body: data frames (capacity released as they are read), then
-/// trailers. Holds the stream slot and the request pipe's cancel guard until it ends or is
-/// dropped.
+/// The upstream response body. Holds the stream slot and the request pipe's cancel guard
+/// until it ends or is dropped.
 struct H2Body {
-    recv: RecvStream,
-    state: State,
+    recv: Recv,
     hold: Option<(Lease, Option<DropGuard>)>,
-}
-
-impl H2Body {
-    fn done(&mut self) {
-        self.state = State::Done;
-        self.hold = None;
-    }
 }
 
 impl Body for H2Body {
@@ -256,45 +200,17 @@ impl Body for H2Body {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        if this.state == State::Data {
-            match this.recv.poll_data(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(data))) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    this.done();
-                    return Poll::Ready(Some(Err(e.into())));
-                }
-                Poll::Ready(None) => this.state = State::Trailers,
+        let polled = Pin::new(&mut self.recv).poll_frame(cx);
+        if let Poll::Ready(frame) = &polled {
+            if frame.as_ref().is_none_or(|f| f.is_err()) || self.recv.is_end_stream() {
+                self.hold = None;
             }
         }
-        if this.state == State::Trailers {
-            let polled = this.recv.poll_trailers(cx);
-            return match polled {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(Ok(Some(trailers))) => {
-                    this.done();
-                    Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-                }
-                Poll::Ready(Ok(None)) => {
-                    this.done();
-                    Poll::Ready(None)
-                }
-                Poll::Ready(Err(e)) => {
-                    this.done();
-                    Poll::Ready(Some(Err(e.into())))
-                }
-            };
-        }
-        Poll::Ready(None)
+        polled.map(|f| f.map(|f| f.map_err(BoxError::from)))
     }
 
     fn is_end_stream(&self) -> bool {
-        // h2 says end of stream only when nothing, trailers included, is left to read.
-        self.state == State::Done || self.recv.is_end_stream()
+        self.recv.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
