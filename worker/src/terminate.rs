@@ -160,15 +160,17 @@ pub async fn serve(
     let requests = Arc::new(crate::idle::Requests::default());
     let idle = requests.idle(worker.idle_timeout);
     let result: Result<(), BoxError> = if h2 {
-        // Each stream's request runs inside the connection's task (crate::serve_h2).
+        // Each stream's request runs inside the connection's task (crate::serve_h2). Boxed:
+        // the stream's future is moved a few times on its way into the connection's set of
+        // streams, a pointer is cheaper to move than the whole state machine.
         let handler = |req: Request<crate::h2body::Recv>| {
             let conn = conn.clone();
             let in_flight = requests.start();
-            async move {
+            Box::pin(async move {
                 handle(conn, req.map(ReqBody::Http2))
                     .await
                     .map(|body| crate::idle::hold(body, in_flight))
-            }
+            })
         };
         let limits = crate::serve_h2::Limits {
             max_streams: MAX_STREAMS,
@@ -395,7 +397,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<ReqBody>) -> Response<ResBody>
                 req.headers_mut()
                     .insert(http::header::TE, HeaderValue::from_static("trailers"));
             }
-            match proxy(&conn, &rt, host, req, upgrade, te_trailers).await {
+            match proxy(&conn, &rt, host, req, upgrade).await {
                 Ok((resp, server)) => (resp, Some(server)),
                 Err(e) => {
                     let answer = (e.response(), e.server());
@@ -697,7 +699,6 @@ async fn proxy(
     host: &Host,
     req: Request<ReqBody>,
     upgrade: Option<HeaderValue>,
-    te_trailers: bool,
 ) -> Result<(Response<ResBody>, Arc<str>), ProxyError> {
     let backend =
         rt.backend(host.backend_id)
@@ -771,16 +772,7 @@ async fn proxy(
                     }
                 };
                 let scheme = if tls.is_some() { "https" } else { "http" };
-                exchange_h2(
-                    conn,
-                    req,
-                    lease,
-                    reopen,
-                    scheme,
-                    te_trailers,
-                    key.address.clone(),
-                )
-                .await
+                exchange_h2(conn, req, lease, reopen, scheme, key.address.clone()).await
             }
         };
     }
@@ -917,7 +909,6 @@ async fn exchange_h2<R, F>(
     lease: crate::h2pool::Lease,
     reopen: R,
     scheme: &'static str,
-    te_trailers: bool,
     server: Arc<str>,
 ) -> Result<(Response<ResBody>, Arc<str>), ProxyError>
 where
@@ -925,18 +916,12 @@ where
     F: std::future::Future<Output = Result<crate::h2pool::Lease, String>>,
 {
     let (mut parts, body) = req.into_parts();
-    let authority = parts
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .unwrap_or_else(|| server.to_string());
-    let head = crate::upstream_h2::Head::new(&mut parts, scheme, &authority, te_trailers).map_err(
-        |reason| ProxyError::Exchange {
+    let head = crate::upstream_h2::Head::new(&mut parts, scheme, &server).map_err(|reason| {
+        ProxyError::Exchange {
             server: server.clone(),
             reason,
-        },
-    )?;
+        }
+    })?;
     let replayable = body.as_ref().is_none_or(hyper::body::Body::is_end_stream);
     let mut body = body;
     let mut lease = Some(lease);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::{Reason, SendStream};
-use http::{HeaderValue, Method, Request, Response};
+use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -32,27 +32,39 @@ pub struct Head {
 }
 
 impl Head {
-    /// The upstream head for a request already rewritten by the header rules: `Host` becomes
-    /// `:authority`, and `te: trailers` (which HTTP/2 allows and gRPC needs) is restored when
-    /// the client asked for it.
+    /// The upstream head for a request already rewritten by the header rules (which put back
+    /// `te: trailers` when the client can take trailers: HTTP/2 allows it and gRPC needs it):
+    /// `Host` (as the rules left it; `server` if there is none) becomes `:authority`. The
+    /// client's own authority and path are shared, not copied or parsed again.
     pub fn new(
         parts: &mut http::request::Parts,
         scheme: &'static str,
-        authority: &str,
-        te_trailers: bool,
+        server: &str,
     ) -> Result<Head, String> {
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = http::Uri::builder()
-            .scheme(scheme)
-            .authority(authority)
-            .path_and_query(path)
-            .build()
-            .map_err(|e| format!("request authority `{authority}`: {e}"))?;
         let mut headers = std::mem::take(&mut parts.headers);
-        headers.remove(http::header::HOST);
-        if te_trailers {
-            headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
-        }
+        let host = headers.remove(http::header::HOST);
+        let authority = match (&host, parts.uri.authority()) {
+            (Some(host), Some(a)) if host.as_bytes() == a.as_str().as_bytes() => a.clone(),
+            (Some(host), _) => http::uri::Authority::try_from(host.as_bytes())
+                .map_err(|e| format!("request authority {host:?}: {e}"))?,
+            (None, _) => http::uri::Authority::try_from(server)
+                .map_err(|e| format!("request authority `{server}`: {e}"))?,
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(if scheme == "https" {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        });
+        uri.authority = Some(authority);
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        let uri = http::Uri::from_parts(uri).map_err(|e| format!("request URI: {e}"))?;
         Ok(Head {
             method: parts.method.clone(),
             uri,
