@@ -560,6 +560,13 @@ async fn open_h2(
     }
 }
 
+/// The request's path and query (`/` if it has none), sharing the request's buffer.
+pub(crate) fn path_or_root(uri: &http::Uri) -> http::uri::PathAndQuery {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+}
+
 /// The `Upgrade` value of an HTTP/1.1 upgrade request (`Connection: upgrade`), if it is one.
 fn upgrade_of(req: &Request<ReqBody>) -> Option<HeaderValue> {
     let connection_upgrade = req
@@ -794,13 +801,7 @@ async fn exchange_h1(
     parts.version = http::Version::HTTP_11;
     // Origin form: the path and query alone (a shared-buffer clone, no copy or re-parse).
     let mut origin = http::uri::Parts::default();
-    origin.path_and_query = Some(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
+    origin.path_and_query = Some(path_or_root(&parts.uri));
     parts.uri = http::Uri::from_parts(origin).unwrap_or_default();
     if let Some(proto) = &upgrade {
         parts.headers.insert(

@@ -57,13 +57,7 @@ impl Head {
             http::uri::Scheme::HTTP
         });
         uri.authority = Some(authority);
-        uri.path_and_query = Some(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        );
+        uri.path_and_query = Some(crate::terminate::path_or_root(&parts.uri));
         let uri = http::Uri::from_parts(uri).map_err(|e| format!("request URI: {e}"))?;
         Ok(Head {
             method: parts.method.clone(),
