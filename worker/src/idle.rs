@@ -4,11 +4,12 @@
 //! timeout, so the connection can be closed (with a GOAWAY on HTTP/2) instead of being held
 //! open forever; [`HeadDeadline`] gives an HTTP/1.1 request head the header timeout from its
 //! first byte, so the two timeouts are separate (NGINX's `keepalive_timeout` and
-//! `client_header_timeout`).
+//! `client_header_timeout`); it also has each head scanned for a `Content-Length` beside a
+//! `Transfer-Encoding` ([`crate::head_scan`]), which the server then refuses.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use bytes::Bytes;
 
+use crate::head_scan::LengthFields;
 use crate::terminate::{BoxError, ResBody};
 
 /// When something last happened, cheap to update from any task.
@@ -58,7 +60,9 @@ pub struct Requests {
     /// Requests started so far.
     started: AtomicU64,
     /// The connection switched protocols (a WebSocket): its bytes are no longer HTTP/1.1.
-    upgraded: std::sync::atomic::AtomicBool,
+    upgraded: AtomicBool,
+    /// The head being served had both `Content-Length` and `Transfer-Encoding`.
+    length_conflict: AtomicBool,
     activity: Activity,
 }
 
@@ -89,6 +93,13 @@ impl Requests {
         InFlight(self.clone())
     }
 
+    /// Whether the head of the request just taken had both `Content-Length` and
+    /// `Transfer-Encoding` (the flag is cleared: each head is scanned afresh).
+    pub fn take_length_conflict(&self) -> bool {
+        self.length_conflict.load(Ordering::Relaxed)
+            && self.length_conflict.swap(false, Ordering::Relaxed)
+    }
+
     /// Completes once no request has been in flight for `timeout`.
     pub async fn idle(&self, timeout: Duration) {
         let mut wait = timeout;
@@ -112,7 +123,7 @@ impl Requests {
 /// header timer cannot tell the two apart: it starts as soon as hyper waits for the next head.
 ///
 /// Cheap on the hot path: no clock read or timer unless a read comes back empty while a head
-/// is incomplete.
+/// is incomplete; the length scan looks at each head line's name only.
 pub struct HeadDeadline<IO> {
     io: IO,
     requests: Arc<Requests>,
@@ -121,6 +132,7 @@ pub struct HeadDeadline<IO> {
     /// deadline once armed.
     head: Option<(u64, bool)>,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    lengths: LengthFields,
 }
 
 impl<IO> HeadDeadline<IO> {
@@ -133,6 +145,7 @@ impl<IO> HeadDeadline<IO> {
             timeout,
             head: Some((started, false)),
             timer: None,
+            lengths: LengthFields::default(),
         }
     }
 }
@@ -155,8 +168,18 @@ impl<IO: AsyncRead + Unpin> AsyncRead for HeadDeadline<IO> {
         }
         let started = this.requests.started.load(Ordering::Relaxed);
         match (&polled, &mut this.head) {
-            (Poll::Ready(Ok(())), None) if buf.filled().len() > before => {
-                this.head = Some((started, false));
+            (Poll::Ready(Ok(())), head) if buf.filled().len() > before => {
+                if !matches!(head, Some((at, _)) if *at == started) {
+                    // The first bytes of a new head.
+                    *head = Some((started, false));
+                    this.lengths.reset();
+                }
+                if !this.lengths.ended() {
+                    this.lengths.feed(&buf.filled()[before..]);
+                    if this.lengths.both() {
+                        this.requests.length_conflict.store(true, Ordering::Relaxed);
+                    }
+                }
             }
             (Poll::Pending, Some((at, _))) if *at != started => {
                 // That head became a request, served since: idle again.

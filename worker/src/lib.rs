@@ -12,6 +12,7 @@ pub mod copy;
 pub mod edge;
 pub mod h2body;
 pub mod h2pool;
+pub mod head_scan;
 pub mod headers;
 pub mod health;
 pub mod http_server;

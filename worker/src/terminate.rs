@@ -167,7 +167,7 @@ pub async fn serve(
             let conn = conn.clone();
             let in_flight = requests.start();
             Box::pin(async move {
-                handle(conn, req.map(ReqBody::Http2))
+                handle(conn, req.map(ReqBody::Http2), false)
                     .await
                     .map(|body| crate::idle::hold(body, in_flight))
             })
@@ -191,8 +191,9 @@ pub async fn serve(
             service_fn(move |req: Request<Incoming>| {
                 let conn = conn.clone();
                 let in_flight = requests.start();
+                let length_conflict = requests.take_length_conflict();
                 Box::pin(async move {
-                    let resp = handle(conn, req.map(ReqBody::Http1)).await;
+                    let resp = handle(conn, req.map(ReqBody::Http1), length_conflict).await;
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         in_flight.upgraded();
                     }
@@ -346,7 +347,13 @@ impl hyper::body::Body for Watched {
 }
 
 /// Route, rewrite and proxy one request; every failure becomes a short local response.
-async fn handle(conn: Arc<Conn>, mut req: Request<ReqBody>) -> Response<ResBody> {
+/// Route and proxy one request; `length_conflict`: its head had both `Content-Length` and
+/// `Transfer-Encoding` (HTTP/1.1), refused with 400 before anything else.
+async fn handle(
+    conn: Arc<Conn>,
+    mut req: Request<ReqBody>,
+    length_conflict: bool,
+) -> Response<ResBody> {
     let start = Instant::now();
     // Each request sees the snapshot in force when it arrives, never a mix.
     let rt = conn
@@ -377,6 +384,17 @@ async fn handle(conn: Arc<Conn>, mut req: Request<ReqBody>) -> Response<ResBody>
     let label = host.map(|(_, label)| label);
     let mut error = None;
     let (response, upstream) = match host {
+        // hyper reads such a body as chunked and closes the connection after the answer; the
+        // request is refused outright (a smuggling attempt, or a broken client).
+        _ if length_conflict => {
+            let mut resp = local_response(
+                StatusCode::BAD_REQUEST,
+                "request has both Content-Length and Transfer-Encoding",
+            );
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            (resp, None)
+        }
         None => (
             local_response(StatusCode::MISDIRECTED_REQUEST, "misdirected request"),
             None,
