@@ -2,7 +2,8 @@
 //! every stream's request future and response body (no task per stream, no channel between
 //! them), the response head rules (`Date`, `Content-Length` of local answers), a client's
 //! stream reset cancelling its request (dropping the future resets the upstream stream too),
-//! and a graceful GOAWAY when the connection has been idle.
+//! a panic in one stream's future resetting that stream only (the others share its task), and
+//! a graceful GOAWAY when the connection has been idle.
 //!
 //! Settings are hyper's server defaults (1 MiB stream and connection windows, 16 KiB frames,
 //! 400 KiB send buffer per stream) plus our stream and header-list limits; the h2 crate's
@@ -15,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use h2::server::SendResponse;
 use http::header::{CONTENT_LENGTH, DATE};
 use http::{HeaderValue, Request, Response};
@@ -68,7 +70,9 @@ where
         loop {
             match conn.poll_accept(cx) {
                 Poll::Ready(Some(Ok((req, reply)))) => {
-                    streams.push(respond(handler(req.map(Recv::new)), reply));
+                    // Dropped on a panic: h2 resets a stream whose responder is dropped.
+                    let answer = respond(handler(req.map(Recv::new)), reply);
+                    streams.push(std::panic::AssertUnwindSafe(answer).catch_unwind());
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
@@ -77,7 +81,10 @@ where
         }
         // The streams; one that finished has queued frames for the connection to write.
         let mut finished = false;
-        while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {
+        while let Poll::Ready(Some(done)) = streams.poll_next_unpin(cx) {
+            if done.is_err() {
+                tracing::error!("a request panicked; its stream was reset");
+            }
             finished = true;
         }
         if finished {
@@ -173,6 +180,46 @@ fn date() -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::{BodyExt, Empty, Full};
+
+    #[tokio::test]
+    async fn a_panicking_request_resets_its_stream_and_the_connection_serves_on() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let limits = Limits {
+            max_streams: 10,
+            max_header_list: 16 * 1024,
+            grace: Duration::from_secs(5),
+        };
+        tokio::spawn(serve(
+            server,
+            limits,
+            |req: Request<Recv>| async move {
+                assert_ne!(req.uri().path(), "/panic", "this request panics");
+                Response::new(Full::new(Bytes::from_static(b"ok")))
+            },
+            std::future::pending(),
+        ));
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(client),
+        )
+        .await
+        .expect("handshake");
+        tokio::spawn(conn);
+        let get = |path: &str| {
+            Request::get(format!("http://a{path}"))
+                .body(Empty::<Bytes>::new())
+                .expect("request")
+        };
+        let panicked = send.send_request(get("/panic")).await;
+        assert!(panicked.is_err(), "the stream is reset: {panicked:?}");
+        for _ in 0..2 {
+            let resp = send.send_request(get("/fine")).await.expect("answered");
+            assert_eq!(resp.status(), 200);
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(&body[..], b"ok");
+        }
+    }
 
     #[test]
     fn date_is_an_http_date() {
