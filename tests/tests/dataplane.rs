@@ -1287,6 +1287,18 @@ async fn trailers_pass_both_ways_between_http2_or_http1_clients_and_an_http1_bac
             "{case}: the backend's trailer reached the client"
         );
         assert_eq!(got.to_bytes(), "ok", "{case}");
+        let seen = s.seen();
+        let reached = seen
+            .iter()
+            .rev()
+            .find(|r| r.path == "/trailers" && r.method == method)
+            .unwrap();
+        assert_eq!(reached.header("te"), Some("trailers"), "{case}");
+        assert_eq!(
+            reached.header("connection"),
+            Some("te"),
+            "{case}: TE is named in Connection (RFC 9110 10.1.4)"
+        );
         if method == "POST" {
             let reached = s
                 .redmine

@@ -16,10 +16,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use bytes::Bytes;
-
 use crate::head_scan::LengthFields;
-use crate::terminate::{BoxError, ResBody};
+use crate::terminate::ResBody;
 
 /// When something last happened, cheap to update from any task.
 #[derive(Debug)]
@@ -240,18 +238,18 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<IO> {
 
 /// A response body that keeps its request counted as in flight until it has been sent whole
 /// or dropped.
-pub struct Held {
-    inner: ResBody,
+pub struct Held<B = ResBody> {
+    inner: B,
     _in_flight: InFlight,
 }
 
-impl hyper::body::Body for Held {
-    type Data = Bytes;
-    type Error = BoxError;
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
     fn is_end_stream(&self) -> bool {
@@ -264,7 +262,7 @@ impl hyper::body::Body for Held {
 
 /// `body`, keeping `in_flight` until it has been sent whole or dropped (not boxed again: one
 /// allocation per response less).
-pub fn hold(body: ResBody, in_flight: InFlight) -> Held {
+pub fn hold<B>(body: B, in_flight: InFlight) -> Held<B> {
     Held {
         inner: body,
         _in_flight: in_flight,

@@ -821,11 +821,20 @@ async fn exchange_h1(
     let mut origin = http::uri::Parts::default();
     origin.path_and_query = Some(path_or_root(&parts.uri));
     parts.uri = http::Uri::from_parts(origin).unwrap_or_default();
+    // TE applies to this hop only: its sender names it in `Connection` (RFC 9110 10.1.4).
+    let te = parts.headers.contains_key(http::header::TE);
+    let connection = match (&upgrade, te) {
+        (Some(_), false) => Some("upgrade"),
+        (Some(_), true) => Some("upgrade, te"),
+        (None, true) => Some("te"),
+        (None, false) => None,
+    };
+    if let Some(options) = connection {
+        parts
+            .headers
+            .insert(http::header::CONNECTION, HeaderValue::from_static(options));
+    }
     if let Some(proto) = &upgrade {
-        parts.headers.insert(
-            http::header::CONNECTION,
-            HeaderValue::from_static("upgrade"),
-        );
         parts.headers.insert(http::header::UPGRADE, proto.clone());
     }
     let (body, sent) = Watched::new(body);

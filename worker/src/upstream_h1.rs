@@ -153,18 +153,24 @@ impl Conn {
     }
 }
 
-/// The request line and headers, in origin form.
+/// The request line and headers, in origin form (plus `Connection: te` when `TE` is sent).
 fn encode_head(req: &http::request::Parts, out: &mut Vec<u8>) {
     let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut te = false;
     for (name, value) in &req.headers {
+        te |= name == http::header::TE;
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    // TE applies to this hop only: its sender names it in `Connection` (RFC 9110 10.1.4).
+    if te {
+        out.extend_from_slice(b"connection: te\r\n");
     }
     out.extend_from_slice(b"\r\n");
 }
