@@ -4,7 +4,7 @@
 //! plain string or number it was built from.
 
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -191,6 +191,15 @@ impl ServerAddr {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The socket address when the host is an IP address (no resolver, no text).
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        match self.host {
+            ServerHost::Ipv4(ip) => Some(SocketAddr::from((ip, self.port))),
+            ServerHost::Ipv6(ip) => Some(SocketAddr::from((ip, self.port))),
+            ServerHost::Name(_) => None,
+        }
     }
 
     /// The host as text, without brackets (what a resolver or SNI wants).

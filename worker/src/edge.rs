@@ -117,7 +117,12 @@ pub async fn serve(
                 // The connection's own local address costs a syscall; it differs from the
                 // listener's only on a wildcard address, and only PROXY headers need it.
                 let local = bound.unwrap_or(peer);
-                tracker.spawn(handle(worker.clone(), stream, peer, local));
+                // Boxed: the connection's state machine is a few KiB, and spawning moves the
+                // future several times on its way into the task (and the task's stage is
+                // rewritten whole when it ends); a pointer is moved instead. Measured
+                // (`bench/instructions pt_conns`): -6.5% instructions per new connection, for
+                // +0.1 KiB per idle connection (the box's allocation header).
+                tracker.spawn(Box::pin(handle(worker.clone(), stream, peer, local)));
             }
             _ = stop.changed() => return,
         }

@@ -318,7 +318,7 @@ async fn run_checks(health: Arc<Health>, check: HealthCheck, target: Target) {
 /// One check of one server; a `tls` check returns what the certificate says.
 async fn probe(check: &HealthCheck, t: &Target) -> Result<Option<CheckedCertificate>, String> {
     let server = &t.server;
-    let stream = tokio::net::TcpStream::connect((server.address.host_str(), server.address.port()))
+    let stream = crate::upstream::connect_addr(&server.address)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let host = t.host.clone().unwrap_or_else(|| server.address.host_str());

@@ -69,10 +69,16 @@ pub async fn forward(
         ProxyProtocol::V1 => crate::proxy_protocol::v1(peer, local()),
         ProxyProtocol::V2 => crate::proxy_protocol::v2(peer, local()),
     };
-    let mut first = header;
-    first.extend_from_slice(&peeked);
+    let hello = peeked.len() as u64;
+    let first = if header.is_empty() {
+        peeked
+    } else {
+        let mut first = header;
+        first.extend_from_slice(&peeked);
+        first
+    };
     server.write_all(&first).await?;
-    meters.client_to_server.inc_by(peeked.len() as u64);
+    meters.client_to_server.inc_by(hello);
     tracing::debug!(%peer, server = %addr, host = %host.hostname, "passthrough connected");
     let meters = copy::Meters {
         client_to_server: Some(meters.client_to_server.inner()),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
-use sluice_shared::Server;
+use sluice_shared::{Server, ServerAddr};
 
 use crate::balance::Pick;
 use crate::runtime::Runtime;
@@ -25,28 +25,29 @@ pub enum UpstreamError {
     Connect { server: String, reason: String },
 }
 
+/// Connect to `addr`: an IP address directly, a name through the resolver (an address is
+/// not turned into text and parsed back on every connection).
+pub async fn connect_addr(addr: &ServerAddr) -> std::io::Result<TcpStream> {
+    match addr.socket_addr() {
+        Some(ip) => TcpStream::connect(ip).await,
+        None => TcpStream::connect((addr.host_str(), addr.port())).await,
+    }
+}
+
 /// Connect to one server, with the connect timeout.
 pub async fn connect_server(server: &Server) -> Result<TcpStream, UpstreamError> {
-    let addr = server.address.to_string();
-    let attempt = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        TcpStream::connect((server.address.host_str(), server.address.port())),
-    )
-    .await;
-    match attempt {
+    let reason = match tokio::time::timeout(CONNECT_TIMEOUT, connect_addr(&server.address)).await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
-            Ok(stream)
+            return Ok(stream);
         }
-        Ok(Err(e)) => Err(UpstreamError::Connect {
-            server: addr,
-            reason: e.to_string(),
-        }),
-        Err(_) => Err(UpstreamError::Connect {
-            server: addr,
-            reason: "timed out".into(),
-        }),
-    }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".into(),
+    };
+    Err(UpstreamError::Connect {
+        server: server.address.to_string(),
+        reason,
+    })
 }
 
 /// Connect to a server of the backend, retrying once on another server if the connect fails;

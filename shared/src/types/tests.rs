@@ -81,6 +81,14 @@ fn server_addresses() {
     for (input, shown) in ok {
         assert_eq!(input.parse::<ServerAddr>().unwrap().to_string(), shown);
     }
+    // An IP host is a socket address as it stands; a name must go through the resolver.
+    let socket = |s: &str| s.parse::<ServerAddr>().unwrap().socket_addr();
+    assert_eq!(
+        socket("10.4.1.11:30080"),
+        Some("10.4.1.11:30080".parse().unwrap())
+    );
+    assert_eq!(socket("[::1]:8080"), Some("[::1]:8080".parse().unwrap()));
+    assert_eq!(socket("backend.internal:443"), None);
     let bad = [
         ("10.4.1.11", NameError::MissingPort),
         ("10.4.1.11:0", NameError::BadPort { port: "0".into() }),
