@@ -89,14 +89,6 @@ struct Conn {
     peer: SocketAddr,
     /// This connection's `X-Forwarded-For` and `-Port` values.
     forwarded: ForwardedValues,
-    /// An HTTP/1.1 client: its request's write to the backend and its response wait for the
-    /// end of the runtime's tick ([`tokio::task::yield_now`]), so the writes of every request
-    /// that became ready together leave together. With one request per connection at a time,
-    /// writing each as soon as it is ready hands the backend and the clients one request each,
-    /// waking them once per request: measured (`bench/cpu h1`), the backend's context switches
-    /// per request fell from 0.17 to 0.14 and requests/s rose 6%. Not for HTTP/2, whose
-    /// connection task already gathers its streams' frames into one write (measured: no gain).
-    batch_writes: bool,
 }
 
 fn local_response(status: StatusCode, text: &str) -> Response<ResBody> {
@@ -163,7 +155,6 @@ pub async fn serve(
         rt,
         certificate,
         peer,
-        batch_writes: !h2,
     });
     // The requests in flight, so a connection idle for the idle timeout can be closed.
     let requests = Arc::new(crate::idle::Requests::default());
@@ -436,9 +427,6 @@ async fn handle(
             }
         }
     };
-    if conn.batch_writes {
-        tokio::task::yield_now().await;
-    }
     conn.worker
         .metrics
         .request(label, response.status().as_u16());
@@ -923,9 +911,6 @@ async fn exchange_plain(
     let server = key.address.clone();
     let sent_at = Instant::now();
     let answered = tokio::time::timeout(conn.worker.response_timeout, async {
-        if conn.batch_writes {
-            tokio::task::yield_now().await;
-        }
         up.send(req).await?;
         up.head(&req.method).await
     })
