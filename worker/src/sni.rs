@@ -68,6 +68,10 @@ pub fn peek(buf: &[u8]) -> Peek {
     if buf[0] != 0x16 || (buf.len() > 1 && buf[1] != 0x03) {
         return Peek::NotTls;
     }
+    // The common case, a hello inside the first record, is parsed where it lies.
+    if let Some(hello) = hello_in_first_record(buf) {
+        return parse_client_hello(hello);
+    }
     // Gather handshake bytes from consecutive handshake records.
     let mut handshake: Vec<u8> = Vec::new();
     let mut pos = 0;
@@ -118,6 +122,23 @@ pub fn peek(buf: &[u8]) -> Peek {
     }
 }
 
+/// The ClientHello body when the whole message lies inside the first record (complete or
+/// not): the same bytes the gathering loop of [`peek`] would copy out.
+fn hello_in_first_record(buf: &[u8]) -> Option<&[u8]> {
+    let header = buf.get(..5)?;
+    let len = (header[3] as usize) << 8 | header[4] as usize;
+    if header[0] != 0x16 || header[1] != 0x03 || len == 0 || len > MAX_RECORD {
+        return None;
+    }
+    let record = &buf[5..(5 + len).min(buf.len())];
+    let head = record.get(..4)?;
+    let hello = (head[1] as usize) << 16 | (head[2] as usize) << 8 | head[3] as usize;
+    if head[0] != 0x01 || hello + 4 > MAX_HELLO {
+        return None;
+    }
+    record.get(4..hello + 4)
+}
+
 /// Parse a complete ClientHello body (after the 4-byte handshake header).
 fn parse_client_hello(body: &[u8]) -> Peek {
     parse_body(body).unwrap_or(Peek::Malformed)
@@ -145,15 +166,14 @@ fn parse_body(body: &[u8]) -> Option<Peek> {
     if !r.buf.is_empty() {
         return None; // trailing bytes after the extensions
     }
-    let mut seen = Vec::new();
+    let mut seen = Seen::default();
     let mut sni = None;
     while !exts.buf.is_empty() {
         let kind = exts.u16()?;
         let data = exts.vec(2)?;
-        if seen.contains(&kind) {
+        if !seen.insert(kind) {
             return None; // duplicate extension
         }
-        seen.push(kind);
         if kind == 0 {
             sni = Some(parse_server_name(data)?);
         }
@@ -162,6 +182,32 @@ fn parse_body(body: &[u8]) -> Option<Peek> {
         Some(Some(name)) => Peek::Sni(name),
         _ => Peek::NoSni,
     })
+}
+
+/// The extension types met in a hello, to refuse duplicates as rustls does. Real hellos carry
+/// about twenty: a fixed array holds them without allocating, a longer list spills to the heap.
+#[derive(Default)]
+struct Seen {
+    inline: [usize; 32],
+    len: usize,
+    spilled: Vec<usize>,
+}
+
+impl Seen {
+    /// Record `kind`; false if it was already there.
+    fn insert(&mut self, kind: usize) -> bool {
+        if self.inline[..self.len].contains(&kind) || self.spilled.contains(&kind) {
+            return false;
+        }
+        match self.inline.get_mut(self.len) {
+            Some(slot) => {
+                *slot = kind;
+                self.len += 1;
+            }
+            None => self.spilled.push(kind),
+        }
+        true
+    }
 }
 
 /// The `server_name` extension: the host name, if it names one.

@@ -208,3 +208,49 @@ fn mutated_and_random_input_never_panics_and_agrees_with_rustls() {
     }
     assert!(agreed > 100, "only {agreed} valid hellos compared");
 }
+
+/// A ClientHello made by hand: the SNI extension for `name`, then empty extensions of the
+/// given types, in one record.
+fn hand_made_hello(name: &str, extra: &[u16]) -> Vec<u8> {
+    let mut sni = Vec::new();
+    sni.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
+    sni.push(0); // host_name
+    sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    sni.extend_from_slice(name.as_bytes());
+    let mut exts = vec![0, 0];
+    exts.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    exts.extend_from_slice(&sni);
+    for kind in extra {
+        exts.extend_from_slice(&kind.to_be_bytes());
+        exts.extend_from_slice(&[0, 0]);
+    }
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[7; 32]); // random
+    body.push(0); // no session id
+    body.extend_from_slice(&[0, 2, 0x13, 0x01]); // one suite
+    body.extend_from_slice(&[1, 0]); // null compression
+    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut handshake = vec![0x01];
+    handshake.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    handshake.extend_from_slice(&body);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    record.extend_from_slice(&handshake);
+    record
+}
+
+#[test]
+fn many_extensions_are_read_and_a_duplicate_is_refused_wherever_it_is() {
+    // More distinct extensions than the duplicate check keeps without allocating.
+    let many: Vec<u16> = (100..160).collect();
+    let h = hand_made_hello("a.example", &many);
+    assert_eq!(peek(&h), Peek::Sni("a.example".into()));
+    // A repeat among the first few, and one far past them.
+    for repeat in [101, 150] {
+        let mut kinds = many.clone();
+        kinds.push(repeat);
+        let h = hand_made_hello("a.example", &kinds);
+        assert_eq!(peek(&h), Peek::Malformed, "repeat of {repeat}");
+    }
+}
