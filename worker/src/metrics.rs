@@ -361,3 +361,41 @@ impl Drop for Counted {
         self.0.dec();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passthrough_series_are_shared_by_a_hosts_connections_and_kept_apart_between_hosts() {
+        let m = Metrics::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("a.example".into(), "b.example".into());
+        let first = m.passthrough_started(&a);
+        let second = m.passthrough_started(&a);
+        let other = m.passthrough_started(&b);
+        first.client_to_server.inc_by(10);
+        second.client_to_server.inc_by(5);
+        other.server_to_client.inc_by(7);
+        drop(second);
+        let text = m.render(true);
+        for line in [
+            r#"sluice_worker_passthrough_connections_total{host="a.example"} 2"#,
+            r#"sluice_worker_passthrough_connections_total{host="b.example"} 1"#,
+            r#"sluice_worker_passthrough_open_connections{host="a.example"} 1"#,
+            r#"sluice_worker_passthrough_open_connections{host="b.example"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        let bytes = |host: &str, direction: &str| {
+            text.lines()
+                .find(|l| l.contains(host) && l.contains(direction) && l.contains("bytes"))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(bytes("a.example", "ClientToServer").as_deref(), Some("15"));
+        assert_eq!(bytes("b.example", "ServerToClient").as_deref(), Some("7"));
+        drop((first, other));
+        let text = m.render(true);
+        assert!(text.contains(r#"sluice_worker_passthrough_open_connections{host="a.example"} 0"#));
+    }
+}
