@@ -69,74 +69,69 @@ pub fn peek(buf: &[u8]) -> Peek {
         return Peek::NotTls;
     }
     // The common case, a hello inside the first record, is parsed where it lies.
-    if let Some(hello) = hello_in_first_record(buf) {
-        return parse_client_hello(hello);
+    if let Some(len) = buf.get(..5).and_then(record_len) {
+        if let Gathered::Complete(body) = gathered(&buf[5..(5 + len).min(buf.len())]) {
+            return parse_client_hello(body);
+        }
     }
     // Gather handshake bytes from consecutive handshake records.
     let mut handshake: Vec<u8> = Vec::new();
     let mut pos = 0;
     loop {
-        if handshake.len() >= 4 {
-            if handshake[0] != 0x01 {
-                return Peek::Malformed;
-            }
-            let len = (handshake[1] as usize) << 16
-                | (handshake[2] as usize) << 8
-                | handshake[3] as usize;
-            if len + 4 > MAX_HELLO {
-                return Peek::Malformed;
-            }
-            if handshake.len() >= len + 4 {
-                return parse_client_hello(&handshake[4..len + 4]);
-            }
+        match gathered(&handshake) {
+            Gathered::Complete(body) => return parse_client_hello(body),
+            Gathered::Malformed => return Peek::Malformed,
+            Gathered::Incomplete => {}
         }
         let Some(header) = buf.get(pos..pos + 5) else {
             return Peek::NeedMore;
         };
-        if header[0] != 0x16 || header[1] != 0x03 {
+        let Some(len) = record_len(header) else {
             return Peek::Malformed;
-        }
-        let len = (header[3] as usize) << 8 | header[4] as usize;
-        if len == 0 || len > MAX_RECORD {
-            return Peek::Malformed;
-        }
+        };
         let start = pos + 5;
         let end = (start + len).min(buf.len());
         handshake.extend_from_slice(&buf[start..end]);
         if end < start + len {
             // Partial record: enough if the hello is already complete inside it.
-            if handshake.len() >= 4 {
-                let hlen = (handshake[1] as usize) << 16
-                    | (handshake[2] as usize) << 8
-                    | handshake[3] as usize;
-                if handshake[0] == 0x01 && hlen + 4 <= MAX_HELLO && handshake.len() >= hlen + 4 {
-                    return parse_client_hello(&handshake[4..hlen + 4]);
-                }
-                if handshake[0] != 0x01 || hlen + 4 > MAX_HELLO {
-                    return Peek::Malformed;
-                }
-            }
-            return Peek::NeedMore;
+            return match gathered(&handshake) {
+                Gathered::Complete(body) => parse_client_hello(body),
+                Gathered::Malformed => Peek::Malformed,
+                Gathered::Incomplete => Peek::NeedMore,
+            };
         }
         pos = start + len;
     }
 }
 
-/// The ClientHello body when the whole message lies inside the first record (complete or
-/// not): the same bytes the gathering loop of [`peek`] would copy out.
-fn hello_in_first_record(buf: &[u8]) -> Option<&[u8]> {
-    let header = buf.get(..5)?;
+/// The length of a handshake record from its 5-byte header; `None` if the header is not a
+/// handshake record's or the length is out of bounds.
+fn record_len(header: &[u8]) -> Option<usize> {
     let len = (header[3] as usize) << 8 | header[4] as usize;
-    if header[0] != 0x16 || header[1] != 0x03 || len == 0 || len > MAX_RECORD {
-        return None;
+    (header[0] == 0x16 && header[1] == 0x03 && len != 0 && len <= MAX_RECORD).then_some(len)
+}
+
+/// What handshake bytes gathered so far hold.
+enum Gathered<'a> {
+    /// The ClientHello body (after the 4-byte handshake header), complete.
+    Complete(&'a [u8]),
+    Incomplete,
+    /// Not a ClientHello, or one longer than the cap.
+    Malformed,
+}
+
+fn gathered(handshake: &[u8]) -> Gathered<'_> {
+    let Some(head) = handshake.get(..4) else {
+        return Gathered::Incomplete;
+    };
+    let len = (head[1] as usize) << 16 | (head[2] as usize) << 8 | head[3] as usize;
+    if head[0] != 0x01 || len + 4 > MAX_HELLO {
+        return Gathered::Malformed;
     }
-    let record = &buf[5..(5 + len).min(buf.len())];
-    let head = record.get(..4)?;
-    let hello = (head[1] as usize) << 16 | (head[2] as usize) << 8 | head[3] as usize;
-    if head[0] != 0x01 || hello + 4 > MAX_HELLO {
-        return None;
+    match handshake.get(4..len + 4) {
+        Some(body) => Gathered::Complete(body),
+        None => Gathered::Incomplete,
     }
-    record.get(4..hello + 4)
 }
 
 /// Parse a complete ClientHello body (after the 4-byte handshake header).
