@@ -45,12 +45,11 @@ struct Ends<'a> {
 }
 
 /// One direction. Per connection this runs for every byte the proxy passes, so it allocates
-/// its buffer without zeroing it and keeps one idle timer registered (moved only when it
-/// fires early) instead of arming a timeout around every read.
+/// its buffer without zeroing it; the idle timeout is kept by [`idle_watch`], one timer for
+/// both directions.
 async fn pump<R, W>(
     mut from: R,
     mut to: W,
-    idle: Duration,
     activity: &Activity,
     buffer: usize,
     meter: Option<&AtomicU64>,
@@ -62,26 +61,9 @@ where
 {
     let mut buf = Vec::with_capacity(buffer.max(1024));
     let mut total = 0u64;
-    let quiet = tokio::time::sleep(idle);
-    tokio::pin!(quiet);
     loop {
         buf.clear();
-        let n = tokio::select! {
-            biased;
-            read = from.read_buf(&mut buf) => read?,
-            () = &mut quiet => {
-                // The other direction may have been busy meanwhile: idle is about both.
-                let since = activity.idle_for();
-                if since < idle {
-                    quiet.as_mut().reset(tokio::time::Instant::now() + (idle - since));
-                    continue;
-                }
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "idle timeout",
-                ));
-            }
-        };
+        let n = from.read_buf(&mut buf).await?;
         if n == 0 {
             // Half-close: pass the EOF on and keep the other direction going. When the other
             // direction has ended already, both streams close next: the close passes this EOF
@@ -100,6 +82,24 @@ where
             meter.fetch_add(n as u64, Ordering::Relaxed);
         }
         activity.touch();
+    }
+}
+
+/// Fails with `TimedOut` once no byte has moved either way for `idle`. One timer, registered
+/// once and moved only when it fires early (traffic came meanwhile), instead of a timeout
+/// armed around every read.
+async fn idle_watch(idle: Duration, activity: &Activity) -> std::io::Error {
+    let quiet = tokio::time::sleep(idle);
+    tokio::pin!(quiet);
+    loop {
+        (&mut quiet).await;
+        let since = activity.idle_for();
+        if since >= idle {
+            return std::io::Error::new(std::io::ErrorKind::TimedOut, "idle timeout");
+        }
+        quiet
+            .as_mut()
+            .reset(tokio::time::Instant::now() + (idle - since));
     }
 }
 
@@ -157,30 +157,23 @@ where
         one_ended: &one_ended,
         close_sends_eof,
     };
-    let (up, down) = tokio::try_join!(
-        pump(
-            cr,
-            sw,
-            idle,
-            &activity,
-            buffer,
-            meters.client_to_server,
-            ends
-        ),
-        pump(
-            sr,
-            cw,
-            idle,
-            &activity,
-            buffer,
-            meters.server_to_client,
-            ends
+    let both_ways = async {
+        tokio::try_join!(
+            pump(cr, sw, &activity, buffer, meters.client_to_server, ends),
+            pump(sr, cw, &activity, buffer, meters.server_to_client, ends)
         )
-    )?;
-    Ok(Moved {
-        client_to_server: up,
-        server_to_client: down,
-    })
+    };
+    tokio::select! {
+        biased;
+        moved = both_ways => {
+            let (up, down) = moved?;
+            Ok(Moved {
+                client_to_server: up,
+                server_to_client: down,
+            })
+        }
+        timed_out = idle_watch(idle, &activity) => Err(timed_out),
+    }
 }
 
 #[cfg(test)]
@@ -253,6 +246,29 @@ mod tests {
         // The meters saw the same bytes.
         assert_eq!(metered.0.load(Ordering::Relaxed), data.len() as u64);
         assert_eq!(metered.1.load(Ordering::Relaxed), 6);
+    }
+
+    #[tokio::test]
+    async fn a_pair_stuck_writing_both_ways_is_closed_when_idle() {
+        // Neither end reads while both keep writing: once the socket buffers are full both
+        // directions wait in their writes and no byte moves; the pair counts as idle.
+        let idle = Duration::from_millis(300);
+        let ((client, inner), (outer, server)) = pairs().await;
+        let copy = tokio::spawn(bidirectional(inner, outer, idle, 1024, Meters::default()));
+        let flood = |mut s: TcpStream| {
+            tokio::spawn(async move {
+                let chunk = vec![7u8; 64 * 1024];
+                while s.write_all(&chunk).await.is_ok() {}
+            })
+        };
+        let (a, b) = (flood(client), flood(server));
+        let ended = tokio::time::timeout(Duration::from_secs(20), copy)
+            .await
+            .expect("the stuck pair was closed");
+        let err = ended.expect("join").expect_err("idle timeout");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        a.abort();
+        b.abort();
     }
 
     #[tokio::test]
