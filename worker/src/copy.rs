@@ -2,10 +2,12 @@
 //! way shuts down the write side of the other), and a connection idle in both directions for
 //! longer than the idle timeout is closed.
 
+use std::mem::MaybeUninit;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::idle::Activity;
@@ -44,14 +46,13 @@ struct Ends<'a> {
     close_sends_eof: bool,
 }
 
-/// One direction. Per connection this runs for every byte the proxy passes, so it allocates
-/// its buffer without zeroing it; the idle timeout is kept by [`idle_watch`], one timer for
-/// both directions.
+/// One direction, through `buf` (its half of the tunnel's buffer, never zeroed: reads fill
+/// it); the idle timeout is kept by [`idle_watch`], one timer for both directions.
 async fn pump<R, W>(
     mut from: R,
     mut to: W,
     activity: &Activity,
-    buffer: usize,
+    buf: &mut [MaybeUninit<u8>],
     meter: Option<&AtomicU64>,
     ends: Ends<'_>,
 ) -> std::io::Result<u64>
@@ -59,11 +60,12 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = Vec::with_capacity(buffer.max(1024));
+    let mut buf = ReadBuf::uninit(buf);
     let mut total = 0u64;
     loop {
         buf.clear();
-        let n = from.read_buf(&mut buf).await?;
+        std::future::poll_fn(|cx| Pin::new(&mut from).poll_read(cx, &mut buf)).await?;
+        let n = buf.filled().len();
         if n == 0 {
             // Half-close: pass the EOF on and keep the other direction going. When the other
             // direction has ended already, both streams close next: the close passes this EOF
@@ -74,7 +76,7 @@ where
             }
             return Ok(total);
         }
-        to.write_all(&buf).await?;
+        to.write_all(buf.filled()).await?;
         // A no-op on TCP; a TLS stream may hold the records it could not write yet.
         to.flush().await?;
         total += n as u64;
@@ -157,10 +159,14 @@ where
         one_ended: &one_ended,
         close_sends_eof,
     };
+    // One allocation for both directions' buffers (a connection's mallocs are a measurable
+    // part of its cost), left uninitialised.
+    let mut buffers = Vec::<u8>::with_capacity(2 * buffer.max(1024));
+    let (up_buf, down_buf) = buffers.spare_capacity_mut().split_at_mut(buffer.max(1024));
     let both_ways = async {
         tokio::try_join!(
-            pump(cr, sw, &activity, buffer, meters.client_to_server, ends),
-            pump(sr, cw, &activity, buffer, meters.server_to_client, ends)
+            pump(cr, sw, &activity, up_buf, meters.client_to_server, ends),
+            pump(sr, cw, &activity, down_buf, meters.server_to_client, ends)
         )
     };
     tokio::select! {
@@ -181,6 +187,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::time::Instant;
+    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
     /// Two connected pairs: (client, proxy's client side) and (proxy's server side, server).
