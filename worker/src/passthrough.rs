@@ -77,7 +77,11 @@ pub async fn forward(
         first.extend_from_slice(&peeked);
         first
     };
-    server.write_all(&first).await?;
+    // Under the tunnel's idle timeout like every later write: a server that accepted the
+    // connection but reads nothing must not hold it forever.
+    tokio::time::timeout(copy::IDLE, server.write_all(&first))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "idle timeout"))??;
     meters.client_to_server.inc_by(hello);
     tracing::debug!(%peer, server = %addr, host = %host.hostname, "passthrough connected");
     let meters = copy::Meters {
