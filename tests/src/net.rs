@@ -543,10 +543,21 @@ impl H1 {
     }
 
     pub async fn get(&mut self, host: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+        self.send("GET", host, path, headers).await
+    }
+
+    /// A request without a body.
+    pub async fn send(
+        &mut self,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Reply {
         self.0.ready().await.expect("ready");
         read(
             self.0
-                .send_request(build("GET", path, Some(host), headers))
+                .send_request(build(method, path, Some(host), headers))
                 .await
                 .expect("h1 request"),
         )

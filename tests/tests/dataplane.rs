@@ -68,6 +68,7 @@ async fn seed() -> Seed {
         "slow.beerme",
         "legacy.beerme",
         "closing.beerme",
+        "mute.beerme",
     ]);
     let ws = WsBackend::start().await;
     let silent = SilentBackend::start().await;
@@ -1159,6 +1160,88 @@ async fn closing_backend() -> (std::net::SocketAddr, Arc<(AtomicUsize, AtomicUsi
         }
     });
     (addr, counts)
+}
+
+/// A server that reads each request head and closes the connection unanswered (one dying as
+/// it accepts). Counts the heads it dropped, by method.
+async fn mute_backend() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dropped = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let d = dropped.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let d = d.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return; // a health check's connect
+                    }
+                    head.push(byte[0]);
+                }
+                let method = String::from_utf8_lossy(&head);
+                let method = method.split(' ').next().unwrap_or_default().to_owned();
+                d.lock().unwrap().push(method);
+            });
+        }
+    });
+    (addr, dropped)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_request_a_server_closed_unanswered_goes_to_another_server() {
+    let s = seed().await;
+    let (mute, dropped) = mute_backend().await;
+    let answering = EchoBackend::start("answering").await;
+    let backend = s
+        .api
+        .create(
+            "/v1/backends",
+            json!({"name": "half-mute", "protocol": "http", "servers": [
+                {"address": mute.to_string()}, {"address": answering.addr.to_string()}]}),
+        )
+        .await;
+    s.api
+        .create(
+            "/v1/hosts",
+            json!({"hostname": "mute.beerme", "mode": "terminate", "backend_id": backend,
+            "certificate_id": s.ids["cert"]}),
+        )
+        .await;
+    let v = s.api.version().await;
+    s.worker.wait_version(v).await;
+
+    // Round robin sends every other request to the mute server first, each time on a fresh
+    // connection (nothing is ever pooled there): sent again, to the other server.
+    let mut h1 = s.h1("mute.beerme").await;
+    for i in 0..6 {
+        let r = h1.get("mute.beerme", "/", &[]).await;
+        assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
+    }
+    let gets = |d: &Vec<String>| d.iter().filter(|m| *m == "GET").count();
+    assert_eq!(
+        gets(&dropped.lock().unwrap()),
+        3,
+        "every other GET tried the mute server"
+    );
+    assert_eq!(answering.requests().len(), 6, "each GET answered once");
+
+    // A POST is not idempotent: of two, the one that reached the mute server first fails.
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        statuses.push(h1.send("POST", "mute.beerme", "/", &[]).await.status);
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 502]);
+    let posts = answering
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST")
+        .count();
+    assert_eq!(posts, 1, "the failed POST was not sent again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

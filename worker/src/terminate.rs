@@ -621,9 +621,8 @@ fn wants_trailers(req: &Request<ReqBody>) -> bool {
 
 /// An upstream connection ready for one request.
 enum Chosen {
-    /// An HTTP/1.1 connection of our own for a request without a body, and whether it was
-    /// reused from the pool (one the server may have closed just now).
-    Plain(crate::upstream_h1::Conn, bool),
+    /// An HTTP/1.1 connection of our own for a request without a body.
+    Plain(crate::upstream_h1::Conn),
     /// A hyper HTTP/1.1 connection (a request with a body, or an upgrade).
     H1(hyper::client::conn::http1::SendRequest<Watched>),
     H2(crate::h2pool::Lease),
@@ -653,10 +652,13 @@ struct Route<'a> {
 }
 
 /// The balancer's choice: a pooled connection to it, else a new one; a failed connect is
-/// retried once on another server (nothing has been sent yet).
+/// retried once on another server (nothing has been sent yet). `avoid`: the server a request
+/// being sent again got no answer from, chosen again only when no other server is usable
+/// (HAProxy's `option redispatch`).
 async fn choose<'a>(
     conn: &Conn,
     route: &Route<'a>,
+    avoid: Option<usize>,
 ) -> Result<(Chosen, PoolKey, &'a Server, crate::balance::Pick), ProxyError> {
     let (pool, h2pool) = (&conn.worker.pool, &conn.worker.h2pool);
     let backend = route.backend;
@@ -665,9 +667,12 @@ async fn choose<'a>(
     let mut tried = [usize::MAX; 2];
     let mut last_error = UpstreamError::NoServer;
     for round in 0..2 {
+        let usable =
+            |i: usize| !tried.contains(&i) && conn.worker.health.usable(backend.servers[i].id);
         let Some(pick) = route
             .balancer
-            .pick(|i| !tried.contains(&i) && conn.worker.health.usable(backend.servers[i].id))
+            .pick(|i| Some(i) != avoid && usable(i))
+            .or_else(|| avoid.and_then(|_| route.balancer.pick(usable)))
         else {
             break;
         };
@@ -690,10 +695,10 @@ async fn choose<'a>(
                 })
         } else if route.plain {
             match conn.worker.plain_pool.checkout(&key) {
-                Some(up) => Ok(Chosen::Plain(up, true)),
+                Some(up) => Ok(Chosen::Plain(up)),
                 None => Box::pin(connect_server(server))
                     .await
-                    .map(|io| Chosen::Plain(crate::upstream_h1::Conn::new(io), false)),
+                    .map(|io| Chosen::Plain(crate::upstream_h1::Conn::new(io))),
             }
         } else {
             match pool.checkout(&key).filter(|_| !route.upgrade) {
@@ -727,7 +732,9 @@ async fn choose<'a>(
 /// for `h2c` and h2-capable `https` servers, else over a pooled HTTP/1.1 connection
 /// (`upgrade`: the client's protocol upgrade, passed on and spliced after a 101). An
 /// idempotent request without a body whose connection failed before any response is sent once
-/// more (a keep-alive connection the server had just closed, a server that just died).
+/// more, to another server when one is usable (a keep-alive connection the server had just
+/// closed, a server that just died, or one that was dying as it accepted the connection:
+/// NGINX's `proxy_next_upstream error`).
 async fn proxy(
     conn: &Conn,
     rt: &Runtime,
@@ -769,23 +776,24 @@ async fn proxy(
         keys: rt.pool_keys(backend.id),
     };
     let mut req = req.map(Some);
-    let mut replayed = false;
+    // The server a request sent again got no answer from.
+    let mut replayed_from = None;
     loop {
-        let (chosen, key, server, _pick) = pin!(choose(conn, &route)).await?;
+        let (chosen, key, server, pick) = pin!(choose(conn, &route, replayed_from)).await?;
         // Requests on hyper's HTTP/1.1 connections carry a body (or an upgrade) and are never
         // sent twice; HTTP/2 retries refused streams itself.
         return match chosen {
-            Chosen::Plain(up, reused) => {
+            Chosen::Plain(up) => {
                 let (parts, body) = req.into_parts();
                 let result = pin!(exchange_plain(conn, &parts, up, &key)).await;
                 req = Request::from_parts(parts, body);
                 match result {
                     Err(ProxyError::Reset { server, reason })
-                        if reused && !replayed && idempotent(req.method()) =>
+                        if replayed_from.is_none() && idempotent(req.method()) =>
                     {
                         tracing::debug!(%server, %reason, "upstream connection failed before answering; sending the request again");
                         conn.worker.plain_pool.purge(&key);
-                        replayed = true;
+                        replayed_from = Some(pick.index);
                         continue;
                     }
                     other => other,
