@@ -208,6 +208,22 @@ async fn seed() -> Seed {
 }
 
 impl Seed {
+    /// A new backend and a terminate host on it (the seed's certificate), applied by the
+    /// worker; returns the backend's id.
+    async fn serve(&self, hostname: &str, backend: Value) -> String {
+        let id = self.api.create("/v1/backends", backend).await;
+        self.api
+            .create(
+                "/v1/hosts",
+                json!({"hostname": hostname, "mode": "terminate", "backend_id": id,
+                "certificate_id": self.ids["cert"]}),
+            )
+            .await;
+        let v = self.api.version().await;
+        self.worker.wait_version(v).await;
+        id
+    }
+
     async fn h1(&self, sni: &str) -> H1 {
         let tls = tls_connect(self.worker.https, sni, self.ca.der(), &[b"http/1.1"])
             .await
@@ -1196,23 +1212,12 @@ async fn an_idempotent_request_a_server_closed_unanswered_goes_to_another_server
     let s = seed().await;
     let (mute, dropped) = mute_backend().await;
     let answering = EchoBackend::start("answering").await;
-    let backend = s
-        .api
-        .create(
-            "/v1/backends",
-            json!({"name": "half-mute", "protocol": "http", "servers": [
-                {"address": mute.to_string()}, {"address": answering.addr.to_string()}]}),
-        )
-        .await;
-    s.api
-        .create(
-            "/v1/hosts",
-            json!({"hostname": "mute.beerme", "mode": "terminate", "backend_id": backend,
-            "certificate_id": s.ids["cert"]}),
-        )
-        .await;
-    let v = s.api.version().await;
-    s.worker.wait_version(v).await;
+    s.serve(
+        "mute.beerme",
+        json!({"name": "half-mute", "protocol": "http", "servers": [
+            {"address": mute.to_string()}, {"address": answering.addr.to_string()}]}),
+    )
+    .await;
 
     // Round robin sends every other request to the mute server first, each time on a fresh
     // connection (nothing is ever pooled there): sent again, to the other server.
@@ -1248,19 +1253,11 @@ async fn an_idempotent_request_a_server_closed_unanswered_goes_to_another_server
 async fn a_request_on_a_kept_alive_connection_the_backend_just_closed_is_sent_again() {
     let s = seed().await;
     let (addr, counts) = closing_backend().await;
-    let backend = s.api.create("/v1/backends",
+    s.serve(
+        "closing.beerme",
         json!({"name": "closing", "protocol": "http", "servers": [{"address": addr.to_string()}]}),
     )
     .await;
-    s.api
-        .create(
-            "/v1/hosts",
-            json!({"hostname": "closing.beerme", "mode": "terminate", "backend_id": backend,
-            "certificate_id": s.ids["cert"]}),
-        )
-        .await;
-    let v = s.api.version().await;
-    s.worker.wait_version(v).await;
 
     let mut h1 = s.h1("closing.beerme").await;
     let mut h2 = s.h2("closing.beerme").await;
