@@ -1138,6 +1138,21 @@ async fn an_idle_http2_connection_is_closed_but_not_while_a_request_is_in_flight
     assert!(idle >= Duration::from_millis(750), "closed after {idle:?}");
 }
 
+/// A request head read byte by byte (nothing behind it is consumed); `None` if the connection
+/// ends first.
+async fn read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(head)
+}
+
 /// A backend that answers the first request of each connection (chunked, with a trailer) and
 /// closes the connection when the next one arrives, unanswered: every reused upstream
 /// connection fails before any response, the shape of a server whose keep-alive timeout ran
@@ -1152,13 +1167,8 @@ async fn closing_backend() -> (std::net::SocketAddr, Arc<(AtomicUsize, AtomicUsi
         while let Ok((mut s, _)) = listener.accept().await {
             let c = c.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
+                if read_head(&mut s).await.is_none() {
+                    return;
                 }
                 let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
                     3\r\nfre\r\n2\r\nsh\r\n0\r\nx-checksum: abc\r\n\r\n";
@@ -1169,7 +1179,7 @@ async fn closing_backend() -> (std::net::SocketAddr, Arc<(AtomicUsize, AtomicUsi
                     return;
                 }
                 // The next request arrives; the connection closes without an answer.
-                if s.read(&mut byte).await.unwrap_or(0) > 0 {
+                if s.read(&mut [0u8; 1]).await.unwrap_or(0) > 0 {
                     c.1.fetch_add(1, Ordering::SeqCst);
                 }
             });
@@ -1181,7 +1191,6 @@ async fn closing_backend() -> (std::net::SocketAddr, Arc<(AtomicUsize, AtomicUsi
 /// A server that reads each request head and closes the connection unanswered (one dying as
 /// it accepts). Counts the heads it dropped, by method.
 async fn mute_backend() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
-    use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let dropped = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -1190,14 +1199,9 @@ async fn mute_backend() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Strin
         while let Ok((mut s, _)) = listener.accept().await {
             let d = d.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return; // a health check's connect
-                    }
-                    head.push(byte[0]);
-                }
+                let Some(head) = read_head(&mut s).await else {
+                    return; // a health check's connect
+                };
                 let method = String::from_utf8_lossy(&head);
                 let method = method.split(' ').next().unwrap_or_default().to_owned();
                 d.lock().unwrap().push(method);
