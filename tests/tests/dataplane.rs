@@ -1216,41 +1216,46 @@ async fn an_idempotent_request_a_server_closed_unanswered_goes_to_another_server
     let s = seed().await;
     let (mute, dropped) = mute_backend().await;
     let answering = EchoBackend::start("answering").await;
+    // Weight 3 to 1: the balancer's next pick after the mute server is, more often than not,
+    // the mute server again, so a request sent again reaches the other server only because
+    // the retry avoids the server that did not answer.
     s.serve(
         "mute.beerme",
         json!({"name": "half-mute", "protocol": "http", "servers": [
-            {"address": mute.to_string()}, {"address": answering.addr.to_string()}]}),
+            {"address": mute.to_string(), "weight": 3},
+            {"address": answering.addr.to_string(), "weight": 1}]}),
     )
     .await;
 
-    // Round robin sends every other request to the mute server first, each time on a fresh
-    // connection (nothing is ever pooled there): sent again, to the other server.
+    // Each try of the mute server is on a fresh connection (nothing is ever pooled there).
     let mut h1 = s.h1("mute.beerme").await;
     for i in 0..6 {
         let r = h1.get("mute.beerme", "/", &[]).await;
         assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
     }
     let gets = |d: &Vec<String>| d.iter().filter(|m| *m == "GET").count();
-    assert_eq!(
-        gets(&dropped.lock().unwrap()),
-        3,
-        "every other GET tried the mute server"
+    assert!(
+        gets(&dropped.lock().unwrap()) >= 3,
+        "most GETs tried the mute server first: {:?}",
+        dropped.lock().unwrap()
     );
     assert_eq!(answering.requests().len(), 6, "each GET answered once");
 
-    // A POST is not idempotent: of two, the one that reached the mute server first fails.
+    // A POST is not idempotent: the first that reaches the mute server fails, unsent again.
+    let tried_post = || dropped.lock().unwrap().iter().any(|m| m == "POST");
     let mut statuses = Vec::new();
-    for _ in 0..2 {
+    while !tried_post() && statuses.len() < 8 {
         statuses.push(h1.send("POST", "mute.beerme", "/", &[]).await.status);
     }
-    statuses.sort_unstable();
-    assert_eq!(statuses, [200, 502]);
+    let (last, before) = statuses.split_last().expect("a POST was sent");
+    assert_eq!(*last, 502, "{statuses:?}");
+    assert!(before.iter().all(|s| *s == 200), "{statuses:?}");
     let posts = answering
         .requests()
         .iter()
         .filter(|r| r.method == "POST")
         .count();
-    assert_eq!(posts, 1, "the failed POST was not sent again");
+    assert_eq!(posts, before.len(), "the failed POST was not sent again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
