@@ -271,6 +271,8 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         worker.ready.send_replace(true);
     }
     tokio::spawn(persist_loop(state, persist_rx));
+    tokio::spawn(pool::Pool::sweep_every(Arc::downgrade(&worker.pool)));
+    tokio::spawn(pool::Pool::sweep_every(Arc::downgrade(&worker.plain_pool)));
 
     let admin = tokio::net::TcpListener::bind(args.admin)
         .await

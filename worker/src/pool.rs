@@ -10,6 +10,13 @@
 //! the newest connection is handed out first (the warmest), the oldest expire first. The pool
 //! belongs to the worker, not to a snapshot, so connections to unchanged servers survive a
 //! configuration switch.
+//!
+//! Up to [`MAX_IDLE_PER_SERVER`] idle connections per server wait the full [`IDLE_TIMEOUT`];
+//! those beyond it, the least recently used, wait [`EXCESS_IDLE_TIMEOUT`], so a load whose
+//! concurrency moves around the limit reuses them instead of closing and reopening connections
+//! (HAProxy purges idle connections the same way, every `pool-purge-delay`); beyond
+//! [`HARD_MAX_IDLE_PER_SERVER`] the oldest closes at once. A sweep ([`Pool::sweep_every`]) applies
+//! these limits to servers no request touches any more.
 
 use std::collections::VecDeque;
 
@@ -26,8 +33,14 @@ use hyper::client::conn::http1::SendRequest;
 
 /// How long an idle upstream connection is kept.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Idle connections kept per server; beyond it the oldest is closed.
+/// Idle connections per server kept for the whole [`IDLE_TIMEOUT`].
 pub const MAX_IDLE_PER_SERVER: usize = 512;
+/// How long the idle connections beyond [`MAX_IDLE_PER_SERVER`] are kept.
+pub const EXCESS_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle connections per server beyond which the oldest closes at once (bounds descriptors).
+pub const HARD_MAX_IDLE_PER_SERVER: usize = 4096;
+/// How often [`Pool::sweep_every`] applies the limits.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What identifies interchangeable connections: the server address and every TLS setting.
 /// Made once per server when a snapshot is built; cloning it per request only counts references.
@@ -106,19 +119,40 @@ impl<C: Reusable> Pool<C> {
 
     /// Put an idle connection ready for its next request into the pool.
     pub fn insert(&self, key: PoolKey, conn: C) {
-        let now = Instant::now();
+        self.insert_at(key, conn, Instant::now());
+    }
+
+    /// [`Pool::insert`] of a connection idle since `now` (tests put in older ones).
+    fn insert_at(&self, key: PoolKey, conn: C, now: Instant) {
+        // Declared before the lock, so the closed connections are dropped after it is released.
+        let mut closed = Vec::new();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(key).or_default();
-        while list
-            .front()
-            .is_some_and(|c| now.duration_since(c.since) >= IDLE_TIMEOUT)
-        {
-            list.pop_front();
-        }
-        if list.len() >= MAX_IDLE_PER_SERVER {
-            list.pop_front();
-        }
         list.push_back(Idle { conn, since: now });
+        trim(list, now, &mut closed);
+    }
+
+    /// Sweep every [`SWEEP_INTERVAL`] for as long as the pool is in use.
+    pub async fn sweep_every(pool: std::sync::Weak<Self>) {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(pool) = pool.upgrade() else { return };
+            pool.sweep();
+        }
+    }
+
+    /// Close the connections the limits say are over, on every server, and forget servers
+    /// left with none (their hosts may be gone).
+    pub fn sweep(&self) {
+        let mut closed = Vec::new();
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|_, list| {
+            trim(list, now, &mut closed);
+            !list.is_empty()
+        });
     }
 
     /// Drop every idle connection to `key` (one just failed: the others are suspect).
@@ -137,6 +171,24 @@ impl<C: Reusable> Pool<C> {
             .values()
             .map(VecDeque::len)
             .sum()
+    }
+}
+
+/// Take off the front (the longest idle) every connection past its time: [`IDLE_TIMEOUT`], or
+/// [`EXCESS_IDLE_TIMEOUT`] while more than [`MAX_IDLE_PER_SERVER`] wait, or at once beyond
+/// [`HARD_MAX_IDLE_PER_SERVER`]. The list is in the order the connections went idle.
+fn trim<C>(list: &mut VecDeque<Idle<C>>, now: Instant, closed: &mut Vec<C>) {
+    while let Some(oldest) = list.front() {
+        let idle = now.saturating_duration_since(oldest.since);
+        let over = list.len() > HARD_MAX_IDLE_PER_SERVER
+            || idle >= IDLE_TIMEOUT
+            || (list.len() > MAX_IDLE_PER_SERVER && idle >= EXCESS_IDLE_TIMEOUT);
+        if !over {
+            break;
+        }
+        if let Some(c) = list.pop_front() {
+            closed.push(c.conn);
+        }
     }
 }
 
@@ -296,6 +348,96 @@ mod tests {
         })
         .await
         .expect("condition reached");
+    }
+
+    /// A connection that stands for itself in the limit tests.
+    #[derive(Debug, PartialEq)]
+    struct Fake(usize);
+
+    impl Reusable for Fake {
+        fn is_usable(&mut self) -> bool {
+            true
+        }
+    }
+
+    /// `n` connections, numbered in the order they went idle, all idle for `for_`.
+    fn idle_list(n: usize, for_: Duration, now: Instant) -> VecDeque<Idle<Fake>> {
+        (0..n)
+            .map(|i| Idle {
+                conn: Fake(i),
+                since: now - for_,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn connections_beyond_the_limit_are_kept_a_while_then_the_oldest_close() {
+        let now = Instant::now();
+        let mut closed = Vec::new();
+        // Idle for a moment: a load around the limit gets them back, nothing closes.
+        let mut list = idle_list(MAX_IDLE_PER_SERVER + 3, Duration::from_secs(1), now);
+        trim(&mut list, now, &mut closed);
+        assert_eq!(list.len(), MAX_IDLE_PER_SERVER + 3);
+        assert!(closed.is_empty());
+        // Past the short timeout: back to the limit, the three that went idle first closed.
+        let mut list = idle_list(MAX_IDLE_PER_SERVER + 3, EXCESS_IDLE_TIMEOUT, now);
+        trim(&mut list, now, &mut closed);
+        assert_eq!(list.len(), MAX_IDLE_PER_SERVER);
+        assert_eq!(closed, vec![Fake(0), Fake(1), Fake(2)]);
+        assert_eq!(list.front().map(|c| &c.conn), Some(&Fake(3)));
+    }
+
+    #[test]
+    fn connections_within_the_limit_wait_the_full_idle_timeout() {
+        let now = Instant::now();
+        let mut closed = Vec::new();
+        let mut list = idle_list(
+            MAX_IDLE_PER_SERVER,
+            IDLE_TIMEOUT - Duration::from_secs(1),
+            now,
+        );
+        trim(&mut list, now, &mut closed);
+        assert_eq!(list.len(), MAX_IDLE_PER_SERVER);
+        let mut list = idle_list(3, IDLE_TIMEOUT, now);
+        trim(&mut list, now, &mut closed);
+        assert!(list.is_empty());
+        assert_eq!(closed.len(), 3);
+    }
+
+    #[test]
+    fn beyond_the_hard_limit_the_oldest_closes_at_once() {
+        let now = Instant::now();
+        let mut closed = Vec::new();
+        let mut list = idle_list(HARD_MAX_IDLE_PER_SERVER + 2, Duration::ZERO, now);
+        trim(&mut list, now, &mut closed);
+        assert_eq!(list.len(), HARD_MAX_IDLE_PER_SERVER);
+        assert_eq!(closed, vec![Fake(0), Fake(1)]);
+    }
+
+    #[test]
+    fn a_sweep_closes_what_no_request_came_back_for_and_forgets_emptied_servers() {
+        let pool: Pool<Fake> = Pool::default();
+        let now = Instant::now();
+        let other = PoolKey {
+            address: Arc::from("127.0.0.1:2"),
+            tls: None,
+        };
+        // One server: three connections past the timeout, one fresh. Another: one past it.
+        for i in 0..3 {
+            pool.insert_at(key(), Fake(i), now - IDLE_TIMEOUT);
+        }
+        pool.insert_at(key(), Fake(3), now);
+        pool.insert_at(other.clone(), Fake(4), now - IDLE_TIMEOUT);
+        // Inserting trims too: only what was idle too long when the last one came back is gone.
+        assert_eq!(pool.idle_count(), 2);
+        pool.sweep();
+        assert_eq!(pool.idle_count(), 1);
+        assert_eq!(pool.checkout(&key()), Some(Fake(3)));
+        let idle = pool.idle.lock().expect("lock");
+        assert!(
+            !idle.contains_key(&other),
+            "a server with no connection left is forgotten"
+        );
     }
 
     #[tokio::test]
