@@ -7,7 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sluice_shared::ConfigVersion;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Why a connection was closed before it was served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
@@ -251,44 +251,69 @@ impl Metrics {
 
     /// Count a passthrough connection of `host` as started, and as open until the returned
     /// meters are dropped; its bytes are counted on them as they pass.
-    pub fn passthrough_started(&self, host: &Arc<str>) -> TunnelMeters {
-        let labels = HostLabels {
-            host: SharedStr(host.clone()),
-        };
-        self.passthrough.get_or_create(&labels).inc();
-        let bytes = |direction| {
-            self.passthrough_bytes
-                .get_or_create(&BytesLabels {
-                    host: labels.host.clone(),
-                    direction,
-                })
-                .clone()
-        };
+    pub fn passthrough_started(&self, host: &HostMetrics) -> TunnelMeters {
+        let handles = host.passthrough.get_or_init(|| {
+            let labels = HostLabels {
+                host: SharedStr(host.label.clone()),
+            };
+            let bytes = |direction| {
+                self.passthrough_bytes
+                    .get_or_create(&BytesLabels {
+                        host: labels.host.clone(),
+                        direction,
+                    })
+                    .clone()
+            };
+            PassthroughHandles {
+                started: self.passthrough.get_or_create(&labels).clone(),
+                client_to_server: bytes(Direction::ClientToServer),
+                server_to_client: bytes(Direction::ServerToClient),
+                open: self.passthrough_open.get_or_create(&labels).clone(),
+            }
+        });
+        handles.started.inc();
         TunnelMeters {
-            client_to_server: bytes(Direction::ClientToServer),
-            server_to_client: bytes(Direction::ServerToClient),
-            _open: Counted::new(&self.passthrough_open.get_or_create(&labels)),
+            client_to_server: handles.client_to_server.clone(),
+            server_to_client: handles.server_to_client.clone(),
+            _open: Counted::new(&handles.open),
         }
     }
 
-    pub fn passthrough_failed(&self, host: &Arc<str>, kind: PassthroughFailure) {
+    pub fn passthrough_failed(&self, host: &HostMetrics, kind: PassthroughFailure) {
         self.passthrough_failed
             .get_or_create(&FailureLabels {
-                host: SharedStr(host.clone()),
+                host: SharedStr(host.label.clone()),
                 kind,
             })
             .inc();
     }
 
     /// Count a request of `host` (`None`: no host took it) answered with `status`.
-    pub fn request(&self, host: Option<&Arc<str>>, status: u16) {
+    pub fn request(&self, host: Option<&HostMetrics>, status: u16) {
         static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("-"));
-        self.requests
+        let Some(host) = host else {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    host: SharedStr(NONE.clone()),
+                    status,
+                })
+                .inc();
+            return;
+        };
+        let mut seen = host.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, counter)) = seen.iter().find(|(s, _)| *s == status) {
+            counter.inc();
+            return;
+        }
+        let counter = self
+            .requests
             .get_or_create(&RequestLabels {
-                host: SharedStr(host.unwrap_or(&NONE).clone()),
+                host: SharedStr(host.label.clone()),
                 status,
             })
-            .inc();
+            .clone();
+        counter.inc();
+        seen.push((status, counter));
     }
 
     pub fn upstream_latency(&self, seconds: f64) {
@@ -341,8 +366,45 @@ impl Metrics {
 #[derive(Debug)]
 pub struct Counted(Gauge);
 
-/// The byte counters of one passthrough connection (handles to its host's series, looked up
-/// once per connection); the connection counts as open while these live.
+/// A configured host as the metrics know it: its name (the label: one per configured host,
+/// never the client's spelling) and its series, looked up in the families on first use and
+/// kept with the snapshot, so a connection or a request is counted with atomic adds instead of
+/// hashing its labels each time (measured: about 960 instructions per passthrough connection
+/// and 370 per request went to those lookups).
+#[derive(Debug)]
+pub struct HostMetrics {
+    label: Arc<str>,
+    passthrough: OnceLock<PassthroughHandles>,
+    /// Answered requests, by status: the statuses seen so far (at most the 900 valid ones).
+    requests: Mutex<Vec<(u16, Counter)>>,
+}
+
+impl HostMetrics {
+    pub fn new(hostname: &str) -> HostMetrics {
+        HostMetrics {
+            label: Arc::from(hostname),
+            passthrough: OnceLock::new(),
+            requests: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The host's configured name.
+    pub fn label(&self) -> &Arc<str> {
+        &self.label
+    }
+}
+
+/// A host's passthrough series.
+#[derive(Debug)]
+struct PassthroughHandles {
+    started: Counter,
+    client_to_server: Counter,
+    server_to_client: Counter,
+    open: Gauge,
+}
+
+/// The byte counters of one passthrough connection (handles to its host's series); the
+/// connection counts as open while these live.
 pub struct TunnelMeters {
     pub client_to_server: Counter,
     pub server_to_client: Counter,
@@ -369,7 +431,7 @@ mod tests {
     #[test]
     fn passthrough_series_are_shared_by_a_hosts_connections_and_kept_apart_between_hosts() {
         let m = Metrics::default();
-        let (a, b): (Arc<str>, Arc<str>) = ("a.example".into(), "b.example".into());
+        let (a, b) = (HostMetrics::new("a.example"), HostMetrics::new("b.example"));
         let first = m.passthrough_started(&a);
         let second = m.passthrough_started(&a);
         let other = m.passthrough_started(&b);
@@ -397,5 +459,28 @@ mod tests {
         drop((first, other));
         let text = m.render(true);
         assert!(text.contains(r#"sluice_worker_passthrough_open_connections{host="a.example"} 0"#));
+    }
+
+    #[test]
+    fn requests_are_counted_by_host_and_status_once_each() {
+        let m = Metrics::default();
+        let (a, b) = (HostMetrics::new("a.example"), HostMetrics::new("b.example"));
+        for _ in 0..3 {
+            m.request(Some(&a), 200);
+        }
+        m.request(Some(&a), 404);
+        m.request(Some(&b), 200);
+        m.request(None, 421);
+        // Another snapshot's handle for the same host adds to the same series.
+        m.request(Some(&HostMetrics::new("a.example")), 200);
+        let text = m.render(true);
+        for line in [
+            r#"sluice_worker_http_requests_total{host="a.example",status="200"} 4"#,
+            r#"sluice_worker_http_requests_total{host="a.example",status="404"} 1"#,
+            r#"sluice_worker_http_requests_total{host="b.example",status="200"} 1"#,
+            r#"sluice_worker_http_requests_total{host="-",status="421"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 }

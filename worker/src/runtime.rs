@@ -73,8 +73,8 @@ pub struct Runtime {
     /// Host index by exact hostname and by wildcard suffix (`beerme` for `*.beerme`).
     exact: HashMap<String, usize>,
     wildcard: HashMap<String, usize>,
-    /// Each host's configured name, by the same index.
-    host_labels: Vec<Arc<str>>,
+    /// Each host's metrics label and series, by the same index.
+    host_metrics: Vec<crate::metrics::HostMetrics>,
     /// The certificate each terminate host uses, by host id.
     pub host_certificates: HashMap<Uuid, Uuid>,
     /// Facts of every certificate (SANs, validity), by id.
@@ -119,11 +119,11 @@ impl Runtime {
         self.index(name).map(|i| &self.config.hosts[i])
     }
 
-    /// [`Runtime::host`], with the host's configured name as a shared string (the metrics
-    /// label: one per configured host, never the client's spelling).
-    pub fn host_labelled(&self, name: &str) -> Option<(&Host, &Arc<str>)> {
+    /// [`Runtime::host`], with the host's metrics (labelled with its configured name, never
+    /// the client's spelling).
+    pub fn host_labelled(&self, name: &str) -> Option<(&Host, &crate::metrics::HostMetrics)> {
         self.index(name)
-            .map(|i| (&self.config.hosts[i], &self.host_labels[i]))
+            .map(|i| (&self.config.hosts[i], &self.host_metrics[i]))
     }
 
     fn index(&self, name: &str) -> Option<usize> {
@@ -239,10 +239,10 @@ pub fn build(
     }
     let mut exact = HashMap::new();
     let mut wildcard = HashMap::new();
-    let host_labels = config
+    let host_metrics = config
         .hosts
         .iter()
-        .map(|h| Arc::from(h.hostname.as_str()))
+        .map(|h| crate::metrics::HostMetrics::new(h.hostname.as_str()))
         .collect();
     for (i, h) in config.hosts.iter().enumerate() {
         match h.hostname.wildcard_suffix() {
@@ -321,7 +321,7 @@ pub fn build(
         key_pems: KeyPems(key_pems),
         exact,
         wildcard,
-        host_labels,
+        host_metrics,
         host_certificates: validated.host_certificates.into_iter().collect(),
         cert_facts: validated.certificates.into_iter().collect(),
     })
