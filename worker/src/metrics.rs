@@ -7,7 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sluice_shared::ConfigVersion;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 /// Why a connection was closed before it was served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
@@ -300,11 +300,12 @@ impl Metrics {
                 .inc();
             return;
         };
-        let mut seen = host.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = host.requests.read().unwrap_or_else(|e| e.into_inner());
         if let Some((_, counter)) = seen.iter().find(|(s, _)| *s == status) {
             counter.inc();
             return;
         }
+        drop(seen);
         let counter = self
             .requests
             .get_or_create(&RequestLabels {
@@ -313,7 +314,11 @@ impl Metrics {
             })
             .clone();
         counter.inc();
-        seen.push((status, counter));
+        let mut seen = host.requests.write().unwrap_or_else(|e| e.into_inner());
+        // Another thread may have added it meanwhile: the same series either way.
+        if !seen.iter().any(|(s, _)| *s == status) {
+            seen.push((status, counter));
+        }
     }
 
     pub fn upstream_latency(&self, seconds: f64) {
@@ -376,7 +381,9 @@ pub struct HostMetrics {
     label: Arc<str>,
     passthrough: OnceLock<PassthroughHandles>,
     /// Answered requests, by status: the statuses seen so far (at most the 900 valid ones).
-    requests: Mutex<Vec<(u16, Counter)>>,
+    /// Read-locked to count (shared between threads, as the family's own lock was), written
+    /// only for a status the host had not answered yet.
+    requests: RwLock<Vec<(u16, Counter)>>,
 }
 
 impl HostMetrics {
@@ -384,7 +391,7 @@ impl HostMetrics {
         HostMetrics {
             label: Arc::from(hostname),
             passthrough: OnceLock::new(),
-            requests: Mutex::new(Vec::new()),
+            requests: RwLock::new(Vec::new()),
         }
     }
 
@@ -482,5 +489,30 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn requests_counted_from_many_threads_are_all_counted() {
+        let m = Metrics::default();
+        let host = HostMetrics::new("a.example");
+        std::thread::scope(|s| {
+            for t in 0..4u16 {
+                let (m, host) = (&m, &host);
+                s.spawn(move || {
+                    for i in 0..1000u16 {
+                        // Each thread meets statuses new to the host while the others count.
+                        m.request(Some(host), 200 + (i + t) % 5);
+                    }
+                });
+            }
+        });
+        let text = m.render(true);
+        let total: u64 = text
+            .lines()
+            .filter(|l| l.starts_with("sluice_worker_http_requests_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(total, 4000, "{text}");
+        assert_eq!(host.requests.read().expect("lock").len(), 5);
     }
 }
