@@ -21,10 +21,11 @@ use crate::terminate::ResBody;
 
 /// When something last happened, cheap to update from any task: tunnels touch it for every
 /// chunk they move. It keeps time by the kernel's coarse monotonic clock, which reads what the
-/// last timer tick stored instead of a hardware counter: a touch is a fraction of
-/// `Instant::now` (measured: about 800 instructions less per new passthrough connection). Its
-/// resolution (one tick, 1-10 ms) is allowed for: the idle time is never overstated, so a
-/// timeout fires up to a tick or two late, never early.
+/// last timer tick stored instead of reading a hardware counter, and needs no `Instant`
+/// arithmetic (measured under callgrind, where both clocks are system calls: about 300
+/// instructions less per new passthrough connection). Its resolution (one tick, 1-10 ms) is
+/// allowed for: the idle time is never overstated, so a timeout fires up to a tick or two
+/// late, never early.
 #[derive(Debug)]
 pub struct Activity {
     /// The coarse clock at the last touch (or at creation), in nanoseconds.
