@@ -394,11 +394,6 @@ impl HostMetrics {
             requests: RwLock::new(Vec::new()),
         }
     }
-
-    /// The host's configured name.
-    pub fn label(&self) -> &Arc<str> {
-        &self.label
-    }
 }
 
 /// A host's passthrough series.
