@@ -975,6 +975,51 @@ async fn a_client_too_slow_with_its_hello_or_not_speaking_tls_is_closed() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_connects_and_says_nothing_is_left_to_the_kernel_for_the_defer_period() {
+    use tokio::io::AsyncReadExt;
+    let s = seed().await;
+    let connected = std::time::Instant::now();
+    let mut mute = tokio::net::TcpStream::connect(s.worker.https)
+        .await
+        .unwrap();
+    // A client that speaks is served meanwhile. With its connection open the worker counts one
+    // connection: the mute one (queued first) is still held by the kernel, not accepted.
+    let tls = tls_connect(s.worker.https, "redmine.beerme", s.ca.der(), &[b"http/1.1"])
+        .await
+        .unwrap();
+    let mut h1 = H1::new(tls).await;
+    assert_eq!(h1.get("redmine.beerme", "/", &[]).await.status, 200);
+    let metrics = s.worker.http.get("/metrics").await.1;
+    let metrics = metrics.as_str().unwrap();
+    assert_eq!(
+        metric(metrics, "sluice_worker_open_connections"),
+        Some(1.0),
+        "{metrics}"
+    );
+    // The kernel hands it over after the defer period (1 s, its first SYN-ACK retransmission);
+    // then the hello timeout (500 ms here) closes it. Without deferring: after 500 ms.
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(6), mute.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    let elapsed = connected.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(1300),
+        "closed {elapsed:?} after connecting"
+    );
+    let metrics = s.worker.http.get("/metrics").await.1;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains(r#"sluice_worker_connections_closed_total{reason="HelloTimeout"} 1"#),
+        "{metrics}"
+    );
+}
+
 /// The value of one series (name and labels exactly as rendered) in a metrics text.
 fn metric(metrics: &str, series: &str) -> Option<f64> {
     metrics.lines().find_map(|line| {

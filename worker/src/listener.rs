@@ -4,6 +4,11 @@
 //! With `net.ipv4.tcp_migrate_req=1` (Linux 5.14+), connections still queued on a worker that
 //! closes its listener move to the others, which makes a replacement hitless; [`check_migrate`]
 //! warns when it is off.
+//!
+//! The traffic listeners defer accepting (`TCP_DEFER_ACCEPT`, HAProxy's `defer-accept`, NGINX's
+//! `listen ... deferred`): the kernel hands a connection over once its client has spoken (a
+//! ClientHello, a request line), so accepting it and reading its first bytes take one wake-up
+//! instead of two, and a client that connects and says nothing costs the worker nothing.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -24,11 +29,47 @@ impl Bound {
             .ok_or_else(|| std::io::Error::other("not an IP socket"))
     }
 
-    /// Start listening: from now on the kernel hands this worker its share of connections.
+    /// Start listening: from now on the kernel hands this worker its share of connections,
+    /// each once its client has sent something or after [`DEFER_ACCEPT_SECS`].
     pub fn listen(self) -> std::io::Result<TcpListener> {
         self.0.listen(4096)?;
+        if let Err(e) = defer_accept(&self.0) {
+            // Not fatal: connections are then accepted at once, as without the option.
+            tracing::warn!(error = %e, "cannot defer accepting (TCP_DEFER_ACCEPT)");
+        }
         TcpListener::from_std(self.0.into())
     }
+}
+
+/// How long the kernel holds a connection whose client has not sent anything before handing it
+/// over anyway, in seconds (it rounds up to SYN-ACK retransmissions: the first comes after one
+/// second). Then the worker's own deadlines apply, such as the hello timeout, so a silent
+/// client is closed about this much later than without deferring. HAProxy uses one second too.
+pub const DEFER_ACCEPT_SECS: u32 = 1;
+
+#[cfg(target_os = "linux")]
+use nix::{getsockopt_impl, setsockopt_impl, sockopt_impl};
+
+// nix's documented way to add a socket option it does not wrap; it has none for this one.
+#[cfg(target_os = "linux")]
+sockopt_impl!(
+    /// `TCP_DEFER_ACCEPT` on a listening socket, in seconds (0: off).
+    DeferAccept,
+    Both,
+    libc::IPPROTO_TCP,
+    libc::TCP_DEFER_ACCEPT,
+    u32
+);
+
+#[cfg(target_os = "linux")]
+fn defer_accept(socket: &Socket) -> std::io::Result<()> {
+    nix::sys::socket::setsockopt(socket, DeferAccept, &DEFER_ACCEPT_SECS)?;
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn defer_accept(_: &Socket) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// Bind a TCP socket with `SO_REUSEADDR` and `SO_REUSEPORT`, without listening yet.
@@ -68,5 +109,21 @@ pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn traffic_listeners_defer_accepting() {
+        let listener = bind("127.0.0.1:0".parse().unwrap())
+            .unwrap()
+            .listen()
+            .unwrap();
+        // The kernel reports the period rounded to whole SYN-ACK retransmissions.
+        let secs = nix::sys::socket::getsockopt(&listener, DeferAccept).unwrap();
+        assert!(secs >= DEFER_ACCEPT_SECS, "TCP_DEFER_ACCEPT is {secs}");
     }
 }
