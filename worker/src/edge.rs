@@ -49,7 +49,10 @@ pub async fn read_hello(
 /// Serve one accepted connection.
 async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
     let _open = worker.metrics.connection_opened();
-    let _ = stream.set_nodelay(true);
+    if cfg!(not(target_os = "linux")) {
+        // Linux hands it down from the listener (`listener::bind`).
+        let _ = stream.set_nodelay(true);
+    }
     let Some(rt) = worker.current.load() else {
         worker.metrics.closed(Closed::NotReady);
         return;

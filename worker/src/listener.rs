@@ -72,7 +72,8 @@ fn defer_accept(_: &Socket) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Bind a TCP socket with `SO_REUSEADDR` and `SO_REUSEPORT`, without listening yet.
+/// Bind a TCP socket with `SO_REUSEADDR`, `SO_REUSEPORT` and `TCP_NODELAY`, without listening
+/// yet.
 pub fn bind(addr: SocketAddr) -> std::io::Result<Bound> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -80,6 +81,8 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<Bound> {
     if addr.is_ipv6() {
         socket.set_only_v6(false).ok();
     }
+    // Accepted connections inherit it on Linux: no setsockopt per connection.
+    socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(Bound(socket))
@@ -125,5 +128,26 @@ mod tests {
         // The kernel reports the period rounded to whole SYN-ACK retransmissions.
         let secs = nix::sys::socket::getsockopt(&listener, DeferAccept).unwrap();
         assert!(secs >= DEFER_ACCEPT_SECS, "TCP_DEFER_ACCEPT is {secs}");
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay() {
+        let listener = bind("127.0.0.1:0".parse().unwrap())
+            .unwrap()
+            .listen()
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(
+            async {
+                let client = TcpStream::connect(addr).await.unwrap();
+                // Deferred accept: the kernel hands the connection over once it has data.
+                client.writable().await.unwrap();
+                client.try_write(b"x").unwrap();
+                client
+            },
+            accept(&listener)
+        );
+        assert!(!client.nodelay().unwrap(), "a plain socket has Nagle on");
+        assert!(accepted.0.nodelay().unwrap(), "the accepted one has it off");
     }
 }
