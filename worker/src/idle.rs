@@ -69,8 +69,15 @@ mod coarse {
     }
 
     pub fn now_ns() -> u64 {
-        // Cannot fail for a clock the kernel has (Linux 2.6.32 on).
-        clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).map_or(0, ns)
+        // Cannot fail on Linux 2.6.32 and later. Should it fail, it fails for every call (an
+        // unknown clock), so all readings come from the fallback and stay consistent: a
+        // constant instead would make every tunnel look busy forever.
+        clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).map_or_else(|_| fallback_ns(), ns)
+    }
+
+    pub(super) fn fallback_ns() -> u64 {
+        static START: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
+        START.elapsed().as_nanos() as u64
     }
 
     pub fn resolution_ns() -> u64 {
@@ -319,6 +326,15 @@ pub fn hold<B>(body: B, in_flight: InFlight) -> Held<B> {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_clock_fallback_advances() {
+        let before = coarse::fallback_ns();
+        std::thread::sleep(Duration::from_millis(20));
+        let waited = coarse::fallback_ns() - before;
+        assert!(waited >= 20_000_000, "{waited} ns");
+    }
 
     #[tokio::test]
     async fn idle_only_after_the_timeout_with_nothing_in_flight() {
