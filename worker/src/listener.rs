@@ -8,7 +8,8 @@
 //! The traffic listeners defer accepting (`TCP_DEFER_ACCEPT`, HAProxy's `defer-accept`, NGINX's
 //! `listen ... deferred`): the kernel hands a connection over once its client has spoken (a
 //! ClientHello, a request line), so accepting it and reading its first bytes take one wake-up
-//! instead of two, and a client that connects and says nothing costs the worker nothing.
+//! instead of two, and a client that connects and says nothing costs the worker nothing until
+//! [`DEFER_ACCEPT_SECS`] have passed (then the hello timeout applies as before).
 
 use std::net::SocketAddr;
 use std::time::Duration;
