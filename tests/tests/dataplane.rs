@@ -933,7 +933,7 @@ async fn a_failing_server_is_checked_down_and_skipped_then_comes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_too_slow_with_its_hello_or_not_speaking_tls_is_closed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let s = seed().await;
     // Half a ClientHello, then silence: closed after the hello timeout (500 ms here).
     let mut slow = tokio::net::TcpStream::connect(s.worker.https)
@@ -943,12 +943,7 @@ async fn a_client_too_slow_with_its_hello_or_not_speaking_tls_is_closed() {
         .await
         .unwrap();
     let started = std::time::Instant::now();
-    let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(5), slow.read(&mut buf))
-        .await
-        .expect("closed in time")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "closed without an answer");
+    closed_without_an_answer(&mut slow, 5).await;
     assert!(started.elapsed() >= std::time::Duration::from_millis(450));
     // Plain HTTP on the TLS port: closed at once.
     let mut plain = tokio::net::TcpStream::connect(s.worker.https)
@@ -958,11 +953,7 @@ async fn a_client_too_slow_with_its_hello_or_not_speaking_tls_is_closed() {
         .write_all(b"GET / HTTP/1.1\r\nHost: redmine.beerme\r\n\r\n")
         .await
         .unwrap();
-    let n = tokio::time::timeout(std::time::Duration::from_secs(2), plain.read(&mut buf))
-        .await
-        .expect("closed at once")
-        .unwrap_or(0);
-    assert_eq!(n, 0);
+    closed_without_an_answer(&mut plain, 2).await;
     let metrics = s.worker.http.get("/metrics").await.1;
     let metrics = metrics.as_str().unwrap();
     assert!(
@@ -977,7 +968,6 @@ async fn a_client_too_slow_with_its_hello_or_not_speaking_tls_is_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_connects_and_says_nothing_is_left_to_the_kernel_for_the_defer_period() {
-    use tokio::io::AsyncReadExt;
     let s = seed().await;
     let connected = std::time::Instant::now();
     let mut mute = tokio::net::TcpStream::connect(s.worker.https)
@@ -999,12 +989,7 @@ async fn a_client_that_connects_and_says_nothing_is_left_to_the_kernel_for_the_d
     );
     // The kernel hands it over after the defer period (1 s, its first SYN-ACK retransmission);
     // then the hello timeout (500 ms here) closes it. Without deferring: after 500 ms.
-    let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(6), mute.read(&mut buf))
-        .await
-        .expect("closed in time")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "closed without an answer");
+    closed_without_an_answer(&mut mute, 6).await;
     let elapsed = connected.elapsed();
     assert!(
         elapsed >= std::time::Duration::from_millis(1300),
@@ -1018,6 +1003,17 @@ async fn a_client_that_connects_and_says_nothing_is_left_to_the_kernel_for_the_d
             .contains(r#"sluice_worker_connections_closed_total{reason="HelloTimeout"} 1"#),
         "{metrics}"
     );
+}
+
+/// Wait up to `secs` seconds for the worker to close `stream`, which must get no answer first.
+async fn closed_without_an_answer<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, secs: u64) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(secs), stream.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
 }
 
 /// The value of one series (name and labels exactly as rendered) in a metrics text.
@@ -1071,19 +1067,14 @@ async fn a_connection_idle_after_its_handshake_is_served_when_it_speaks_and_clos
         "the request reached a backend"
     );
     // The other never does: closed once the header timeout has passed, without an answer.
-    let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(5), silent.read(&mut buf))
-        .await
-        .expect("closed in time")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "closed without an answer");
+    closed_without_an_answer(&mut silent, 5).await;
     assert!(started.elapsed() >= std::time::Duration::from_millis(1400));
     awaiting_first_request(&s, 0).await;
     // Writing to it now fails or is never answered: the connection is gone.
     let _ = silent
         .write_all(b"GET / HTTP/1.1\r\nHost: redmine.beerme\r\n\r\n")
         .await;
-    let n = silent.read(&mut buf).await.unwrap_or(0);
+    let n = silent.read(&mut [0u8; 64]).await.unwrap_or(0);
     assert_eq!(n, 0);
 }
 
