@@ -33,6 +33,11 @@ pub struct WorkerArgs {
     /// Runtime threads; 0 = one per available core.
     #[arg(long, env = "SLUICE_THREADS", default_value_t = 0)]
     pub threads: usize,
+    /// While a runtime thread is loaded (busy at least half the time), how long it waits before
+    /// sleeping in epoll, in microseconds, so the events arriving meanwhile are handled in one
+    /// batch (interrupt moderation for the event loop); 0 = sleep at once.
+    #[arg(long, env = "SLUICE_COALESCE_US", default_value_t = 20)]
+    pub coalesce_us: u64,
     /// How long an upstream may take to send its response headers, in milliseconds (then 504).
     #[arg(long, env = "SLUICE_RESPONSE_TIMEOUT_MS", default_value_t = 60_000)]
     pub response_timeout_ms: u64,

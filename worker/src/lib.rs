@@ -8,6 +8,7 @@ pub mod admin;
 pub mod balance;
 pub mod channel;
 pub mod cli;
+pub mod coalesce;
 pub mod copy;
 pub mod edge;
 pub mod h2body;
@@ -355,6 +356,10 @@ pub fn start(args: WorkerArgs) -> std::process::ExitCode {
         }
         b
     };
+    coalesce::install(
+        &mut builder,
+        std::time::Duration::from_micros(args.coalesce_us),
+    );
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -197,6 +197,11 @@ impl Default for Metrics {
             m.upstream_seconds.clone(),
         );
         registry.register(
+            "event_loop_waits",
+            "Times a runtime thread, being loaded, waited --coalesce-us before sleeping in epoll",
+            crate::coalesce::WAITS.clone(),
+        );
+        registry.register(
             "open_connections",
             "Client connections open on the HTTPS port",
             m.open_connections.clone(),
