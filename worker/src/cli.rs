@@ -35,7 +35,8 @@ pub struct WorkerArgs {
     pub threads: usize,
     /// While a runtime thread is loaded (busy at least half the time), how long it waits before
     /// sleeping in epoll, in microseconds, so the events arriving meanwhile are handled in one
-    /// batch (interrupt moderation for the event loop); 0 = sleep at once.
+    /// batch (interrupt moderation for the event loop; a spin, at most a fifth of the thread's
+    /// time); 0 = sleep at once.
     #[arg(long, env = "SLUICE_COALESCE_US", default_value_t = 20)]
     pub coalesce_us: u64,
     /// How long an upstream may take to send its response headers, in milliseconds (then 504).

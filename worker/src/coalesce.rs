@@ -9,8 +9,9 @@
 //! virtual machines it wakes tens of microseconds late and unevenly), and a spin that polls for
 //! events (busy polling: it ends at the first event, so it batches nothing). A spin costs CPU, so
 //! it is done only while the thread is loaded: busy for at least half of its last measuring
-//! window (about a millisecond), the spins not counted as busy. An idle or lightly loaded worker
-//! sleeps at once, as before, and pays two clock reads per sleep.
+//! window (about a millisecond), the spins not counted as busy. And the spins of one window add
+//! up to at most a fifth of it, so coalescing never costs more than that share of a core. An
+//! idle or lightly loaded worker sleeps at once, as before, and pays two clock reads per sleep.
 
 use std::cell::Cell;
 use std::sync::LazyLock;
@@ -20,6 +21,8 @@ use prometheus_client::metrics::counter::Counter;
 
 /// The span over which a thread's load is measured.
 const WINDOW: Duration = Duration::from_millis(1);
+/// The most a thread spins in one window.
+const SPIN_BUDGET: Duration = Duration::from_micros(200);
 
 /// How many times a thread waited before sleeping (`sluice_worker_event_loop_waits_total`).
 pub static WAITS: LazyLock<Counter> = LazyLock::new(Counter::default);
@@ -33,6 +36,8 @@ pub struct Load {
     window_start: Instant,
     /// Time the thread ran tasks in the current window.
     busy: Duration,
+    /// Time it spun in the current window.
+    spun: Duration,
     /// Whether the last complete window was at least half busy.
     loaded: bool,
 }
@@ -43,6 +48,7 @@ impl Load {
             woke: now,
             window_start: now,
             busy: Duration::ZERO,
+            spun: Duration::ZERO,
             loaded: false,
         }
     }
@@ -62,8 +68,21 @@ impl Load {
             self.loaded = self.busy * 2 >= span;
             self.window_start = now;
             self.busy = Duration::ZERO;
+            self.spun = Duration::ZERO;
         }
         self.loaded
+    }
+
+    /// How long to wait before sleeping, at most `wait`: nothing unless the thread is loaded, and
+    /// no more than what is left of the window's [`SPIN_BUDGET`]. Call after
+    /// [`Load::going_to_sleep`].
+    pub fn wait(&mut self, wait: Duration) -> Duration {
+        if !self.loaded {
+            return Duration::ZERO;
+        }
+        let wait = wait.min(SPIN_BUDGET.saturating_sub(self.spun));
+        self.spun += wait;
+        wait
     }
 }
 
@@ -93,7 +112,11 @@ pub fn install(builder: &mut tokio::runtime::Builder, wait: Duration) {
     });
     builder.on_thread_park(move || {
         let now = Instant::now();
-        if with_load(now, |load| load.going_to_sleep(now)) {
+        let wait = with_load(now, |load| {
+            load.going_to_sleep(now);
+            load.wait(wait)
+        });
+        if !wait.is_zero() {
             WAITS.inc();
             let until = now + wait;
             while Instant::now() < until {
@@ -156,6 +179,36 @@ mod tests {
         // ...and a window that was mostly idle ends it.
         let t2 = t1 + us(330);
         assert!(!run(&mut load, t2, 10, us(10), us(100)));
+    }
+
+    #[test]
+    fn the_waits_of_a_window_add_up_to_a_fifth_of_it_at_most() {
+        let t0 = Instant::now();
+        let mut load = Load::new(t0);
+        let mut t = t0;
+        assert!(run(&mut load, t, 1, us(1_000), us(0)));
+        t += us(1_000);
+        // Loaded: each sleep may wait 30 us until 200 us of the window are spent.
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            load.woke(t);
+            t += us(60);
+            load.going_to_sleep(t);
+            let w = load.wait(us(30));
+            waits.push(w.as_micros());
+            t += w;
+        }
+        assert_eq!(waits, [30, 30, 30, 30, 30, 30, 20, 0, 0]);
+        // A new window (opened once the last one spans a millisecond) has a new budget.
+        load.woke(t);
+        t += us(400);
+        assert!(load.going_to_sleep(t));
+        assert_eq!(load.wait(us(30)), us(30));
+        // An unloaded thread never waits.
+        let mut idle = Load::new(t0);
+        idle.woke(t0 + us(4_990));
+        assert!(!idle.going_to_sleep(t0 + us(5_000)));
+        assert_eq!(idle.wait(us(30)), Duration::ZERO);
     }
 
     #[test]
