@@ -10,6 +10,7 @@ pub mod channel;
 pub mod cli;
 pub mod coalesce;
 pub mod copy;
+pub mod deadline;
 pub mod edge;
 pub mod h2body;
 pub mod h2pool;

@@ -90,6 +90,8 @@ struct Conn {
     peer: SocketAddr,
     /// This connection's `X-Forwarded-For` and `-Port` values.
     forwarded: ForwardedValues,
+    /// Response deadlines, reused from one request to the next.
+    timers: crate::deadline::Timers,
 }
 
 fn local_response(status: StatusCode, text: &str) -> Response<ResBody> {
@@ -156,6 +158,7 @@ pub async fn serve(
         rt,
         certificate,
         peer,
+        timers: Default::default(),
     });
     // The requests in flight, so a connection idle for the idle timeout can be closed.
     let requests = Arc::new(crate::idle::Requests::default());
@@ -876,7 +879,11 @@ async fn exchange_h1(
     };
     let answered = match answered {
         Some(r) => Ok(r),
-        None => tokio::time::timeout(conn.worker.response_timeout, &mut exchange).await,
+        None => {
+            conn.timers
+                .timeout(conn.worker.response_timeout, &mut exchange)
+                .await
+        }
     };
     let mut resp = match answered {
         Ok(Ok(resp)) => {
@@ -934,11 +941,13 @@ async fn exchange_plain(
     use crate::upstream_h1::Error;
     let server = key.address.clone();
     let sent_at = Instant::now();
-    let answered = tokio::time::timeout(conn.worker.response_timeout, async {
-        up.send(req).await?;
-        up.head(&req.method).await
-    })
-    .await;
+    let answered = conn
+        .timers
+        .timeout(conn.worker.response_timeout, async {
+            up.send(req).await?;
+            up.head(&req.method).await
+        })
+        .await;
     let mut head = match answered {
         Ok(Ok(head)) => head,
         Ok(Err(Error::Closed(reason))) => return Err(ProxyError::Reset { server, reason }),
@@ -992,6 +1001,7 @@ where
             this,
             &head,
             body.take(),
+            &conn.timers,
             conn.worker.response_timeout,
             &mut sent_at,
         )

@@ -106,11 +106,13 @@ fn classify(e: h2::Error, idempotent: bool) -> Failure {
 }
 
 /// Send one request on the leased connection and wait for the response head. `body` is
-/// `None` for a request without one.
+/// `None` for a request without one; the response timeout runs on one of the client
+/// connection's `timers`.
 pub async fn send(
     lease: Lease,
     head: &Head,
     body: Option<ReqBody>,
+    timers: &crate::deadline::Timers,
     response_timeout: Duration,
     sent_at: &mut Instant,
 ) -> Result<Response<ResBody>, Failure> {
@@ -152,7 +154,8 @@ pub async fn send(
     *sent_at = Instant::now();
     let answered = match early {
         Some(r) => r,
-        None => tokio::time::timeout(response_timeout, &mut response)
+        None => timers
+            .timeout(response_timeout, &mut response)
             .await
             .map_err(|_| Failure::Timeout)?,
     };
