@@ -33,10 +33,10 @@ pub struct WorkerArgs {
     /// Runtime threads; 0 = one per available core.
     #[arg(long, env = "SLUICE_THREADS", default_value_t = 0)]
     pub threads: usize,
-    /// While a runtime thread is loaded (busy at least half the time), how long it waits before
-    /// sleeping in epoll, in microseconds, so the events arriving meanwhile are handled in one
-    /// batch (interrupt moderation for the event loop; a spin, at most a fifth of the thread's
-    /// time); 0 = sleep at once.
+    /// With `--threads 1`: while the event loop is loaded (busy at least half the time), how long
+    /// it waits before sleeping in epoll, in microseconds, so the events arriving meanwhile are
+    /// handled in one batch (interrupt moderation for the event loop; a spin, at most a fifth of
+    /// the thread's time); 0 = sleep at once. Multi-thread runtimes never wait.
     #[arg(long, env = "SLUICE_COALESCE_US", default_value_t = 20)]
     pub coalesce_us: u64,
     /// How long an upstream may take to send its response headers, in milliseconds (then 504).

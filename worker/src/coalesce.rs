@@ -13,6 +13,11 @@
 //! window (about a millisecond), the spins not counted as busy. And the spins of one window add
 //! up to at most a fifth of it, so coalescing never costs more than that share of a core. An
 //! idle or lightly loaded worker sleeps at once, as before, and pays two clock reads per sleep.
+//!
+//! Only a worker with one runtime thread (`--threads 1`, one event loop as HAProxy's `nbthread
+//! 1` or an NGINX worker process) coalesces. In a multi-thread runtime a thread about to park
+//! has no work while another may, and if they share a core the spin takes it from the one that
+//! has: with two threads on one core, HTTP/2 lost 6-30% in three rounds while HTTP/1.1 gained.
 
 use std::cell::Cell;
 use std::sync::LazyLock;

@@ -357,10 +357,14 @@ pub fn start(args: WorkerArgs) -> std::process::ExitCode {
         }
         b
     };
-    coalesce::install(
-        &mut builder,
-        std::time::Duration::from_micros(args.coalesce_us),
-    );
+    // Only a single event loop coalesces: in a multi-thread runtime, a spinning thread can
+    // take the core from another runtime thread that has work (see `coalesce.rs`).
+    if args.threads == 1 {
+        coalesce::install(
+            &mut builder,
+            std::time::Duration::from_micros(args.coalesce_us),
+        );
+    }
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
