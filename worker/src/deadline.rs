@@ -31,12 +31,6 @@ pub struct Timers {
     spare: Mutex<Vec<Pin<Box<Sleep>>>>,
 }
 
-impl std::fmt::Debug for Timers {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Timers").finish_non_exhaustive()
-    }
-}
-
 impl Timers {
     /// Run `f` for at most `timeout`.
     pub async fn timeout<F: Future>(&self, timeout: Duration, f: F) -> Result<F::Output, TimedOut> {
