@@ -27,6 +27,9 @@ RAW="$WORK/raw.jsonl"
 cleanup() {
   for p in "$WORK"/*.pid; do [[ -f "$p" ]] && kill "$(cat "$p")" 2>/dev/null || true; done
   jobs -p | xargs -r kill 2>/dev/null || true
+  wait 2>/dev/null || true
+  # The work directory holds the 64 MiB download file and per-proxy logs: about 65 MiB a run.
+  [[ -n "${SLUICE_BENCH_KEEP:-}" ]] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
