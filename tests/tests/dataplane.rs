@@ -293,6 +293,18 @@ async fn terminated_http1_and_http2_reach_the_backend_with_forwarded_headers() {
         assert_eq!(req.header("x-forwarded-host"), Some("redmine.beerme"));
         assert_eq!(req.header("x-env"), Some("prod"), "host rule set");
         assert_eq!(req.header("x-debug"), None, "host rule removed");
+        // Each replaced or added field once: the client's values never ride along.
+        for name in [
+            "host",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-port",
+            "x-forwarded-host",
+            "x-env",
+        ] {
+            let count = req.headers.iter().filter(|(k, _)| k == name).count();
+            assert_eq!(count, 1, "{name} in {:?}", req.headers);
+        }
     }
     let metrics = s.worker.http.get("/metrics").await.1;
     let metrics = metrics.as_str().unwrap();

@@ -1,7 +1,7 @@
-//! Header rules for terminated requests, as pure functions: hop-by-hop headers are dropped,
-//! `X-Forwarded-For` gets the client address appended, `X-Forwarded-Proto`/`-Port`/`-Host` are
-//! overwritten (never trusted from the client), `Host` is kept (and made from `:authority` for
-//! HTTP/2 clients), then the host's own `request_headers` rules apply.
+//! Header rules for terminated requests: hop-by-hop headers are dropped, `X-Forwarded-For` gets
+//! the client address appended, `X-Forwarded-Proto`/`-Port`/`-Host` are overwritten (never
+//! trusted from the client), `Host` is kept (and made from `:authority` for HTTP/2 clients),
+//! then the host's own `request_headers` rules apply ([`Forward`]).
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -109,49 +109,142 @@ pub struct Forwarding<'a> {
     pub rules: &'a RequestHeaders,
 }
 
-/// Rewrite request headers for the upstream (see the module docs).
-pub fn forward_request(headers: &mut HeaderMap, f: &Forwarding<'_>) {
-    strip_hop_by_hop(headers);
-    // Client-supplied forwarding headers that are never passed on (removed only if there).
-    let (mut forwarded, mut xff) = (false, false);
-    for name in headers.keys() {
-        forwarded |= name == FORWARDED || name == X_REAL_IP;
-        xff |= name == X_FORWARDED_FOR;
+/// A request's fields as forwarded, decided once per request. The client's fields are kept
+/// in its map, less hop-by-hop ones and those it may not set (`Forwarded`, `X-Real-IP`),
+/// removed in place (rare); the fields forwarding replaces or adds are kept here. An upstream
+/// HTTP/1.1 head is written straight from [`Forward::fields`] (no map insertions, and no growth
+/// of the map h2 decoded the request into); the other upstream paths take the map rewritten
+/// by [`Forward::apply`]. Both are the same list.
+#[derive(Debug)]
+pub struct Forward<'a> {
+    host: &'a HeaderValue,
+    /// `X-Forwarded-For`: the client's list with the client address appended.
+    xff: Cow<'a, HeaderValue>,
+    port: &'a HeaderValue,
+    /// `TE: trailers` (after the rules: the backend may send trailers the client can take).
+    te: bool,
+    /// The host's rules, parsed (empty, so not allocated, for most hosts).
+    remove: Vec<HeaderName>,
+    set: Vec<(HeaderName, HeaderValue)>,
+}
+
+static HTTPS: HeaderValue = HeaderValue::from_static("https");
+static TRAILERS: HeaderValue = HeaderValue::from_static("trailers");
+static HOST_NAME: HeaderName = HOST;
+static TE_NAME: HeaderName = TE;
+
+impl<'a> Forward<'a> {
+    /// Strip what is never passed on from `headers`, and decide the forwarded fields
+    /// (`te_trailers`: whether the backend is told it may send trailers).
+    pub fn new(headers: &mut HeaderMap, f: &Forwarding<'a>, te_trailers: bool) -> Forward<'a> {
+        strip_hop_by_hop(headers);
+        let (mut forwarded, mut xff) = (false, false);
+        for name in headers.keys() {
+            forwarded |= name == FORWARDED || name == X_REAL_IP;
+            xff |= name == X_FORWARDED_FOR;
+        }
+        if forwarded {
+            headers.remove(FORWARDED);
+            headers.remove(&X_REAL_IP);
+        }
+        let client = &f.connection.client;
+        let xff = if xff {
+            let mut earlier: Vec<&str> = headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .collect();
+            earlier.push(client.to_str().unwrap_or_default());
+            // Visible ASCII joined by ", " is a valid value; were it not, the client's list
+            // would be dropped, never passed on unchecked.
+            HeaderValue::from_str(&earlier.join(", ")).map_or(Cow::Borrowed(client), Cow::Owned)
+        } else {
+            Cow::Borrowed(client)
+        };
+        let rules = f.rules;
+        Forward {
+            host: f.host,
+            xff,
+            port: &f.connection.port,
+            te: te_trailers,
+            remove: rules
+                .remove
+                .iter()
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect(),
+            set: rules
+                .set
+                .iter()
+                .filter_map(|(n, v)| {
+                    Some((
+                        HeaderName::from_bytes(n.as_bytes()).ok()?,
+                        HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect(),
+        }
     }
-    if forwarded {
-        headers.remove(FORWARDED);
-        headers.remove(&X_REAL_IP);
+
+    /// Whether a rule removes or sets `name`.
+    fn ruled(&self, name: &HeaderName) -> bool {
+        self.remove.contains(name) || self.set.iter().any(|(n, _)| n == name)
     }
-    let client = &f.connection.client;
-    let xff = if xff {
-        let mut earlier: Vec<&str> = headers
-            .get_all(&X_FORWARDED_FOR)
+
+    /// Whether a field of the client's is replaced (or removed) on the way.
+    fn replaces(&self, name: &HeaderName) -> bool {
+        name == HOST
+            || name == X_FORWARDED_FOR
+            || name == X_FORWARDED_PROTO
+            || name == X_FORWARDED_PORT
+            || name == X_FORWARDED_HOST
+            || (self.te && name == TE)
+            || (!self.remove.is_empty() || !self.set.is_empty()) && self.ruled(name)
+    }
+
+    /// The fields forwarding adds: `Host` and the four forwarded headers (those no rule
+    /// removes or sets), the rules' values, then `TE: trailers` when asked.
+    fn added(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        [
+            (&HOST_NAME, self.host),
+            (&X_FORWARDED_FOR, &*self.xff),
+            (&X_FORWARDED_PROTO, &HTTPS),
+            (&X_FORWARDED_PORT, self.port),
+            (&X_FORWARDED_HOST, self.host),
+        ]
+        .into_iter()
+        .filter(|(n, _)| !self.ruled(n))
+        .chain(
+            self.set
+                .iter()
+                .filter(|(n, _)| !(self.te && *n == TE))
+                .map(|(n, v)| (n, v)),
+        )
+        .chain(self.te.then_some((&TE_NAME, &TRAILERS)))
+    }
+
+    /// The request's fields as forwarded: the client's, less those replaced, then the added.
+    pub fn fields<'m>(
+        &'m self,
+        headers: &'m HeaderMap,
+    ) -> impl Iterator<Item = (&'m HeaderName, &'m HeaderValue)> {
+        headers
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .collect();
-        earlier.push(client.to_str().unwrap_or_default());
-        HeaderValue::from_str(&earlier.join(", ")).ok()
-    } else {
-        Some(client.clone())
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+            .filter(|(n, _)| !self.replaces(n))
+            .chain(self.added())
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
-    headers.insert(X_FORWARDED_PORT.clone(), f.connection.port.clone());
-    headers.insert(X_FORWARDED_HOST.clone(), f.host.clone());
-    headers.insert(HOST, f.host.clone());
-    for name in &f.rules.remove {
-        headers.remove(name.as_str());
-    }
-    for (name, value) in &f.rules.set {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            headers.insert(n, v);
+
+    /// Rewrite `headers` in place to hold [`Forward::fields`] (in another order: that of
+    /// fields with different names carries no meaning). The added names are distinct, so
+    /// inserting each replaces the client's; the rest of what `fields` leaves out are the
+    /// rules' removals. (In place: rebuilding the map cost 1.5% more per request to an h2c backend.)
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (n, v) in self.added() {
+            headers.insert(n.clone(), v.clone());
         }
     }
 }
@@ -183,6 +276,66 @@ pub fn host_name(authority: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn forward_request(h: &mut HeaderMap, f: &Forwarding<'_>) {
+        Forward::new(h, f, false).apply(h)
+    }
+
+    fn pairs<'m>(fields: impl Iterator<Item = (&'m HeaderName, &'m HeaderValue)>) -> Vec<String> {
+        fields
+            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn fields_replace_the_clients_and_add_each_forwarded_one_once() {
+        let mut h = map(&[
+            ("Host", "redmine.beerme"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-host", "evil.example"),
+            ("te", "trailers"),
+            ("accept", "*/*"),
+            ("cookie", "a=b"),
+            ("x-env", "client"),
+        ]);
+        let mut rules = RequestHeaders::default();
+        rules.set.insert("x-env".into(), "prod".into());
+        rules.set.insert("te".into(), "gzip".into());
+        rules.remove.push("X-Forwarded-Host".into());
+        rules.remove.push("cookie".into());
+        let values = ForwardedValues::new("192.0.2.7".parse().unwrap(), 443);
+        let host = HeaderValue::from_static("redmine.beerme");
+        let f = Forwarding {
+            connection: &values,
+            host: &host,
+            rules: &rules,
+        };
+        let forward = Forward::new(&mut h, &f, true);
+        let fields = pairs(forward.fields(&h));
+        assert_eq!(
+            fields,
+            [
+                "accept: */*",
+                "host: redmine.beerme",
+                "x-forwarded-for: 1.2.3.4, 192.0.2.7",
+                "x-forwarded-proto: https",
+                "x-forwarded-port: 443",
+                "x-env: prod",
+                "te: trailers",
+            ],
+            "the client's te went as hop-by-hop; the rules' te gives way to trailers"
+        );
+        // The map the other upstream paths take holds the same fields.
+        let mut applied = h.clone();
+        forward.apply(&mut applied);
+        let (mut applied, mut fields) = (pairs(applied.iter()), fields);
+        applied.sort();
+        fields.sort();
+        assert_eq!(applied, fields);
+        // Without trailers, the rules' TE stands.
+        let forward = Forward::new(&mut h, &f, false);
+        assert!(pairs(forward.fields(&h)).contains(&"te: gzip".to_owned()));
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

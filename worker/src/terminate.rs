@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use uuid::Uuid;
 
 use crate::h2pool::{Acquired, Opened};
-use crate::headers::{forward_request, host_name, strip_hop_by_hop, ForwardedValues, Forwarding};
+use crate::headers::{host_name, strip_hop_by_hop, Forward, ForwardedValues, Forwarding};
 use crate::pool::{PoolKey, Returning};
 use crate::prefixed::Prefixed;
 use crate::runtime::Runtime;
@@ -409,18 +409,15 @@ async fn handle(
             // says so with `TE: trailers`); if so the backend is told it may send them (an
             // HTTP/1.1 server, hyper's for one, keeps them to itself otherwise).
             let te_trailers = req.version() == http::Version::HTTP_2 || wants_trailers(&req);
-            forward_request(
+            let forward = Forward::new(
                 req.headers_mut(),
                 &Forwarding {
                     connection: &conn.forwarded,
                     host: &authority,
                     rules: &host.request_headers,
                 },
+                te_trailers,
             );
-            if te_trailers {
-                req.headers_mut()
-                    .insert(http::header::TE, HeaderValue::from_static("trailers"));
-            }
             // The request path's large futures are awaited pinned where they are made
             // (`pin!`, here and in `proxy`): a plain `.await` moves the callee's future into
             // the caller's state and rustc keeps room for it twice (rust-lang/rust#59087,
@@ -428,7 +425,8 @@ async fn handle(
             // this is memory per request in flight) 11,336 -> 4,544 bytes; instructions per
             // request -0.3% (h2) to -1% (h1) alone, within the +-1% that inlining moves them
             // from one build to the next.
-            match pin!(proxy(&conn, &rt, host, req, upgrade)).await {
+            let result = pin!(proxy(&conn, &rt, host, req, &forward, upgrade)).await;
+            match result {
                 Ok((resp, server)) => (resp, Some(server)),
                 Err(e) => {
                     let answer = (e.response(), e.server());
@@ -742,7 +740,8 @@ async fn proxy(
     conn: &Conn,
     rt: &Runtime,
     host: &Host,
-    req: Request<ReqBody>,
+    mut req: Request<ReqBody>,
+    forward: &Forward<'_>,
     upgrade: Option<HeaderValue>,
 ) -> Result<(Response<ResBody>, Arc<str>), ProxyError> {
     let backend =
@@ -778,6 +777,11 @@ async fn proxy(
             && hyper::body::Body::is_end_stream(req.body()),
         keys: rt.pool_keys(backend.id),
     };
+    // Our own HTTP/1.1 client writes the forwarded fields as it writes the head; hyper and
+    // h2 take them in the header map.
+    if !route.plain {
+        forward.apply(req.headers_mut());
+    }
     let mut req = req.map(Some);
     // The server a request sent again got no answer from.
     let mut replayed_from = None;
@@ -788,7 +792,7 @@ async fn proxy(
         return match chosen {
             Chosen::Plain(up) => {
                 let (parts, body) = req.into_parts();
-                let result = pin!(exchange_plain(conn, &parts, up, &key)).await;
+                let result = pin!(exchange_plain(conn, &parts, forward, up, &key)).await;
                 req = Request::from_parts(parts, body);
                 match result {
                     Err(ProxyError::Reset { server, reason })
@@ -935,6 +939,7 @@ async fn exchange_h1(
 async fn exchange_plain(
     conn: &Conn,
     req: &http::request::Parts,
+    forward: &Forward<'_>,
     mut up: crate::upstream_h1::Conn,
     key: &PoolKey,
 ) -> Result<(Response<ResBody>, Arc<str>), ProxyError> {
@@ -944,7 +949,7 @@ async fn exchange_plain(
     let answered = conn
         .timers
         .timeout(conn.worker.response_timeout, async {
-            up.send(req).await?;
+            up.send(req, forward.fields(&req.headers)).await?;
             up.head(&req.method).await
         })
         .await;

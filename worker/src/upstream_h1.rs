@@ -109,11 +109,15 @@ impl Conn {
         )
     }
 
-    /// Write the head of a request without a body: origin form, the headers as they are (the
-    /// caller has applied the forwarding rules and removed hop-by-hop headers).
-    pub async fn send(&mut self, req: &http::request::Parts) -> Result<(), Error> {
+    /// Write the head of a request without a body: origin form, with `fields` (the request's
+    /// headers as forwarded: hop-by-hop ones removed, the forwarding rules applied).
+    pub async fn send<'h>(
+        &mut self,
+        req: &http::request::Parts,
+        fields: impl Iterator<Item = (&'h HeaderName, &'h HeaderValue)>,
+    ) -> Result<(), Error> {
         self.out.clear();
-        encode_head(req, &mut self.out);
+        encode_head(req, fields, &mut self.out);
         self.io
             .write_all(&self.out)
             .await
@@ -154,14 +158,18 @@ impl Conn {
 }
 
 /// The request line and headers, in origin form (plus `Connection: te` when `TE` is sent).
-fn encode_head(req: &http::request::Parts, out: &mut Vec<u8>) {
+fn encode_head<'h>(
+    req: &http::request::Parts,
+    fields: impl Iterator<Item = (&'h HeaderName, &'h HeaderValue)>,
+    out: &mut Vec<u8>,
+) {
     let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut te = false;
-    for (name, value) in &req.headers {
+    for (name, value) in fields {
         te |= name == http::header::TE;
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
@@ -694,7 +702,9 @@ mod tests {
         mut conn: Conn,
         req: &http::request::Parts,
     ) -> Result<(Head, Vec<u8>, Option<HeaderMap>, usize), String> {
-        conn.send(req).await.map_err(|e| e.to_string())?;
+        conn.send(req, req.headers.iter())
+            .await
+            .map_err(|e| e.to_string())?;
         let head = conn.head(&req.method).await.map_err(|e| e.to_string())?;
         let pool = Arc::new(Pool::default());
         let mut body = UpBody::new(
@@ -863,13 +873,15 @@ mod tests {
     #[tokio::test]
     async fn a_close_before_any_byte_is_closed_and_a_close_after_some_is_not() {
         let (mut conn, _server) = serve(vec![], true).await;
-        conn.send(&request(Method::GET, "/")).await.expect("send");
+        let req = request(Method::GET, "/");
+        conn.send(&req, req.headers.iter()).await.expect("send");
         assert!(matches!(
             conn.head(&Method::GET).await,
             Err(Error::Closed(_))
         ));
         let (mut conn, _server) = serve(vec![b"HTTP/1.1 200"], true).await;
-        conn.send(&request(Method::GET, "/")).await.expect("send");
+        let req = request(Method::GET, "/");
+        conn.send(&req, req.headers.iter()).await.expect("send");
         assert!(matches!(
             conn.head(&Method::GET).await,
             Err(Error::Invalid(_))
@@ -893,7 +905,7 @@ mod tests {
         )
         .await;
         let req = request(Method::GET, "/");
-        conn.send(&req).await.expect("send");
+        conn.send(&req, req.headers.iter()).await.expect("send");
         let head = conn.head(&req.method).await.expect("head");
         let idle = Duration::from_millis(300);
         let mut body = UpBody::new(conn, &head, None, idle);
@@ -928,7 +940,8 @@ mod tests {
         let (mut open, _keep) = serve(vec![], false).await;
         assert!(open.is_usable());
         let (mut closed, server) = serve(vec![], true).await;
-        closed.send(&request(Method::GET, "/")).await.expect("send");
+        let req = request(Method::GET, "/");
+        closed.send(&req, req.headers.iter()).await.expect("send");
         server.await.expect("server closed");
         // The close reaches the reactor first: wait until the socket reports it.
         closed.io.readable().await.expect("readable");
