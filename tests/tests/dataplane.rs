@@ -293,6 +293,7 @@ async fn terminated_http1_and_http2_reach_the_backend_with_forwarded_headers() {
         assert_eq!(req.header("x-forwarded-host"), Some("redmine.beerme"));
         assert_eq!(req.header("x-env"), Some("prod"), "host rule set");
         assert_eq!(req.header("x-debug"), None, "host rule removed");
+        assert_eq!(req.headers[0].0, "host", "Host first (RFC 9110 7.2)");
         // Each replaced or added field once: the client's values never ride along.
         for name in [
             "host",

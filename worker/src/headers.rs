@@ -200,14 +200,18 @@ impl<'a> Forward<'a> {
             || name == X_FORWARDED_PORT
             || name == X_FORWARDED_HOST
             || (self.te && name == TE)
-            || (!self.remove.is_empty() || !self.set.is_empty()) && self.ruled(name)
+            || self.ruled(name)
     }
 
-    /// The fields forwarding adds: `Host` and the four forwarded headers (those no rule
-    /// removes or sets), the rules' values, then `TE: trailers` when asked.
+    /// `Host`, unless a rule removes or sets it: first, as RFC 9110 7.2 asks of clients.
+    fn host(&self) -> Option<(&HeaderName, &HeaderValue)> {
+        (!self.ruled(&HOST_NAME)).then_some((&HOST_NAME, self.host))
+    }
+
+    /// The fields forwarding adds after the client's: the four forwarded headers (those no
+    /// rule removes or sets), the rules' values, then `TE: trailers` when asked.
     fn added(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
         [
-            (&HOST_NAME, self.host),
             (&X_FORWARDED_FOR, &*self.xff),
             (&X_FORWARDED_PROTO, &HTTPS),
             (&X_FORWARDED_PORT, self.port),
@@ -224,14 +228,15 @@ impl<'a> Forward<'a> {
         .chain(self.te.then_some((&TE_NAME, &TRAILERS)))
     }
 
-    /// The request's fields as forwarded: the client's, less those replaced, then the added.
+    /// The request's fields as forwarded: `Host`, the client's others less those replaced,
+    /// then the added ones.
     pub fn fields<'m>(
         &'m self,
         headers: &'m HeaderMap,
     ) -> impl Iterator<Item = (&'m HeaderName, &'m HeaderValue)> {
-        headers
-            .iter()
-            .filter(|(n, _)| !self.replaces(n))
+        self.host()
+            .into_iter()
+            .chain(headers.iter().filter(|(n, _)| !self.replaces(n)))
             .chain(self.added())
     }
 
@@ -243,7 +248,7 @@ impl<'a> Forward<'a> {
         for name in &self.remove {
             headers.remove(name);
         }
-        for (n, v) in self.added() {
+        for (n, v) in self.host().into_iter().chain(self.added()) {
             headers.insert(n.clone(), v.clone());
         }
     }
@@ -315,8 +320,8 @@ mod tests {
         assert_eq!(
             fields,
             [
-                "accept: */*",
                 "host: redmine.beerme",
+                "accept: */*",
                 "x-forwarded-for: 1.2.3.4, 192.0.2.7",
                 "x-forwarded-proto: https",
                 "x-forwarded-port: 443",
