@@ -85,6 +85,33 @@ def ratio(workload, key, higher_better=True):
     return s["median"] / best if best else None
 
 
+def paired(workload, key, higher_better=True):
+    """Sluice against the better of NGINX and HAProxy round by round: each round measures the
+    three in turn, so a drift in the machine's speed between rounds cancels out. The k-th run
+    of each proxy on a workload is from round k."""
+    vals = {p: [r.get(key) for r in runs if r["proxy"] == p and r["workload"] == workload]
+            for p in ("sluice", "nginx", "haproxy")}
+    rounds = [(s, n, h) for s, n, h in zip(*vals.values()) if None not in (s, n, h)]
+    if not rounds or any(r["proxy"] in vals and r["workload"] == workload and not r["ok"] for r in runs):
+        return None
+    pick = max if higher_better else min
+    per_round = [s / pick(n, h) for s, n, h in rounds if pick(n, h)]
+    if not per_round:
+        return None
+    ahead = sum(1 for x in per_round if (x >= 1 if higher_better else x <= 1))
+    return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round),
+            "rounds": len(per_round), "sluice_ahead": ahead}
+
+
+paired_ratios = {
+    "h1_rps_vs_best": paired("h1", "rps"),
+    "h1_p99_vs_best": paired("h1", "p99_ms", higher_better=False),
+    "h2_rps_vs_best": paired("h2", "rps"),
+    "h2_backend_rps_vs_best": paired("h2up", "rps"),
+    "passthrough_mb_s_vs_best": paired("passthrough", "mb_s"),
+}
+direct = summary("direct", "h1", "rps")
+
 ratios = {
     "h1_rps_vs_best": ratio("h1", "rps"),
     "h1_p99_vs_best": ratio("h1", "p99_ms", higher_better=False),
@@ -137,6 +164,13 @@ md += ["", f"## Workload 6: memory per idle TLS connection (handshake done, no r
 md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "idle"]
 md += ["", "Sluice relative to the better of NGINX and HAProxy (requests/s: >1 is faster; p99: <1 is better):", ""]
 md += [f"- {k}: {v:.2f}" if v is not None else f"- {k}: n/a" for k, v in ratios.items()]
+md += ["", "Round by round (each round runs the three in turn, so the machine's drift between rounds "
+       "cancels): Sluice over the better of the other two in that round, median (min-max), and the rounds "
+       "where Sluice was at least level. The host's state matters: the direct baseline (wrk straight to the "
+       f"backend) ran at {cell(direct, '{:.0f}')} requests/s in this run.", ""]
+for k, v in paired_ratios.items():
+    md.append(f"- {k}: {v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f}), Sluice level or ahead in "
+              f"{v['sluice_ahead']} of {v['rounds']} rounds" if v else f"- {k}: n/a")
 md += ["", "## Control plane (workload 7: a change to effect)", "", "| benchmark | result |", "|---|---|"]
 reloads = {}
 for c in control:
@@ -154,4 +188,4 @@ for (proxy, hosts), ms in sorted(reloads.items()):
               f"(min {min(ms):.0f}, max {max(ms):.0f}) until traffic sees the change |")
 md.append("")
 open(out_prefix + ".md", "w").write("\n".join(md))
-json.dump({"meta": meta, "runs": runs, "control": control, "ratios": ratios}, open(out_prefix + ".json", "w"), indent=2)
+json.dump({"meta": meta, "runs": runs, "control": control, "ratios": ratios, "paired_ratios": paired_ratios}, open(out_prefix + ".json", "w"), indent=2)
