@@ -59,7 +59,7 @@ wait_port $BACKEND_PORT
 
 # One measured run: prints a JSON line.
 wrk_run() { # proxy url
-  local out; out=$(taskset -c $LOAD_CORE wrk -t1 -c50 -d${DUR}s --latency "$2" 2>&1 || true)
+  local out; out=$(taskset -c $LOAD_CORE wrk -t1 -c50 -d${DUR}s --latency -s bench/latency.lua "$2" 2>&1 || true)
   python3 bench/parse.py wrk "$1" <<<"$out"
 }
 h2load_run() { # proxy url

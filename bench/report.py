@@ -54,7 +54,8 @@ def cell(s, fmt):
 
 rows = []
 table = {}
-for workload, metrics in (("h1", [("rps", "{:.0f}"), ("p50_ms", "{:.2f}"), ("p99_ms", "{:.2f}")]),
+for workload, metrics in (("h1", [("rps", "{:.0f}"), ("p50_ms", "{:.2f}"), ("p95_ms", "{:.2f}"),
+                                  ("p99_ms", "{:.2f}"), ("p999_ms", "{:.2f}")]),
                           ("h2", [("rps", "{:.0f}"), ("mean_ms", "{:.2f}")]),
                           ("h2up", [("rps", "{:.0f}"), ("mean_ms", "{:.2f}"), ("backend_conns", "{:.0f}")]),
                           ("passthrough", [("mb_s", "{:.0f}"), ("cpu_s_per_gb", "{:.2f}")]),
@@ -106,6 +107,8 @@ def paired(workload, key, higher_better=True):
 paired_ratios = {
     "h1_rps_vs_best": paired("h1", "rps"),
     "h1_p99_vs_best": paired("h1", "p99_ms", higher_better=False),
+    "h1_p95_vs_best": paired("h1", "p95_ms", higher_better=False),
+    "h1_p999_vs_best": paired("h1", "p999_ms", higher_better=False),
     "h2_rps_vs_best": paired("h2", "rps"),
     "h2_backend_rps_vs_best": paired("h2up", "rps"),
     "passthrough_mb_s_vs_best": paired("passthrough", "mb_s"),
@@ -115,6 +118,8 @@ direct = summary("direct", "h1", "rps")
 ratios = {
     "h1_rps_vs_best": ratio("h1", "rps"),
     "h1_p99_vs_best": ratio("h1", "p99_ms", higher_better=False),
+    "h1_p95_vs_best": ratio("h1", "p95_ms", higher_better=False),
+    "h1_p999_vs_best": ratio("h1", "p999_ms", higher_better=False),
     "h2_rps_vs_best": ratio("h2", "rps"),
     "h2_backend_rps_vs_best": ratio("h2up", "rps"),
     "h2_backend_connections_vs_fewest": ratio("h2up", "backend_conns", higher_better=False),
@@ -131,7 +136,7 @@ md = ["# Benchmark results", "", f"Command: `{meta['command']}` at commit `{meta
       f"process/thread per proxy; {meta['duration_s']} s per run; 5 rounds, each running every proxy once per workload (after a 1 s warm-up), so the proxies take turns; median (min-max).", "",
       f"Tools: {meta['nginx']}; {meta['haproxy']}; {meta['wrk']}; {meta['h2load']}.", "",
       "## Workload 1: HTTP/1.1 keep-alive through TLS termination (wrk -t1 -c50)", "",
-      "| proxy | requests/s | p50 ms | p99 ms |", "|---|---|---|---|"]
+      "| proxy | requests/s | p50 ms | p95 ms | p99 ms | p99.9 ms |", "|---|---|---|---|---|---|"]
 md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "h1"]
 md += ["", "## Workload 2: HTTP/2 through TLS termination (h2load -c 64 -m 10)", "",
        "| proxy | requests/s | mean ms |", "|---|---|---|"]
