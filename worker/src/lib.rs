@@ -17,6 +17,7 @@ pub mod h2pool;
 pub mod head_scan;
 pub mod headers;
 pub mod health;
+pub mod heavy;
 pub mod http_server;
 pub mod idle;
 pub mod listener;

@@ -124,9 +124,12 @@ pub async fn serve(
         return;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    // The first poll answers the ClientHello (key exchange, signature: the costly part), and
+    // waits for its turn so requests on open connections are not queued behind a burst of
+    // handshakes (`heavy.rs`).
     let mut tls = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        acceptor.accept(Prefixed::new(peeked, stream)),
+        crate::heavy::gate(acceptor.accept(Prefixed::new(peeked, stream))),
     )
     .await
     {
