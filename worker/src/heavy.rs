@@ -173,8 +173,13 @@ impl<F: Future + Unpin> Future for Heavy<F> {
         match this.state {
             State::Through => {}
             State::New => {
+                // (The queue's borrow ends before `take`, which may reopen at once, outside
+                // a scheduler, and so touch the queue.)
                 let go = !single_event_loop()
-                    || GATE.with(|g| g.waiting.borrow().is_empty() && g.take());
+                    || GATE.with(|g| {
+                        let first_in_line = g.waiting.borrow().is_empty();
+                        first_in_line && g.take()
+                    });
                 if !go {
                     let id = GATE.with(|g| g.queue(cx.waker(), false));
                     this.state = State::Waiting(id);
