@@ -106,6 +106,16 @@ measure() { # proxy workload url
     $fn "$proxy" "$url" | python3 -c "import json,sys; d=json.load(sys.stdin); d['workload']='$workload'; print(json.dumps(d))" >> "$RAW"
   done
 }
+# For the scripts that take COMPARE="BINARY...": an entry of their proxy list that is a path is
+# that Sluice build. Sets p (the start_/stop_ suffix), label (what the report calls it) and BIN.
+proxy_entry() { # entry
+  p=$1 label=$1
+  if [[ $p == /* ]]; then
+    BIN=$p p=sluice label=sluice
+    [[ -n ${COMPARE:-} ]] && label=$(basename "$BIN")
+  fi
+  return 0
+}
 # CPU seconds (user + system) of these pids, from /proc (10 ms resolution).
 cpu_of() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
   awk -v t="$t" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", t / hz }'; }

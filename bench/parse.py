@@ -47,7 +47,7 @@ elif tool == "wrk":
     for pct in ("50", "99"):
         m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
         out[f"p{pct}_ms"] = ms(*m.groups()) if m else None
-    # bench/latency.lua's line (workload 1; the baseline and the bulk runs have none)
+    # bench/latency.lua's line (workload 1 and its direct baseline; bulk runs use no script)
     m = re.search(r"^sluice-bench p95_us (\d+) p999_us (\d+)$", text, re.M)
     if m:
         out["p95_ms"], out["p999_ms"] = int(m.group(1)) / 1000, int(m.group(2)) / 1000
