@@ -4,11 +4,14 @@ import json
 import re
 import sys
 
-tool, proxy = sys.argv[1], sys.argv[2]
+# --log=FILE: h2load's per-request log (start, status, microseconds), for its percentiles
+logs = [a.removeprefix("--log=") for a in sys.argv if a.startswith("--log=")]
+argv = [a for a in sys.argv if not a.startswith("--log=")]
+tool, proxy = argv[1], argv[2]
 text = sys.stdin.read()
 out = {"proxy": proxy, "tool": tool, "ok": True, "errors": []}
-if len(sys.argv) > 3 and sys.argv[3]:  # the proxy's backend connections, counted with `ss`
-    out["backend_conns"] = int(sys.argv[3])
+if len(argv) > 3 and argv[3]:  # the proxy's backend connections, counted with `ss`
+    out["backend_conns"] = int(argv[3])
 
 
 def ms(value, unit):
@@ -37,9 +40,9 @@ if tool == "bulk":
     m = re.search(r"Requests/sec:\s+([\d.]+)", text)
     out["rps"] = float(m.group(1)) if m else 0.0
     out["errors"] += wrk_errors(text)
-    if len(sys.argv) > 5 and out["mb_s"]:  # the proxy's CPU seconds over the run, and its length
-        gb = out["mb_s"] * float(sys.argv[5]) / 1000
-        cpu = float(sys.argv[4])
+    if len(argv) > 5 and out["mb_s"]:  # the proxy's CPU seconds over the run, and its length
+        gb = out["mb_s"] * float(argv[5]) / 1000
+        cpu = float(argv[4])
         out["cpu_s_per_gb"] = cpu / gb if cpu > 0 and gb else None
 elif tool == "wrk":
     m = re.search(r"Requests/sec:\s+([\d.]+)", text)
@@ -67,10 +70,20 @@ else:
     if tool == "h2bulk":  # large downloads: MB/s and the proxy's CPU seconds per GB
         m = re.search(r"req/s, ([\d.]+)(B|KB|MB|GB)/s", text)
         out["mb_s"] = mbps(*m.groups()) if m else 0.0
-        if len(sys.argv) > 5 and out["mb_s"]:
-            gb = out["mb_s"] * float(sys.argv[5]) / 1000
-            cpu = float(sys.argv[4])
+        if len(argv) > 5 and out["mb_s"]:
+            gb = out["mb_s"] * float(argv[5]) / 1000
+            cpu = float(argv[4])
             out["cpu_s_per_gb"] = cpu / gb if cpu > 0 and gb else None
+    if logs:
+        try:
+            rows = [line.split("\t") for line in open(logs[0]) if line.strip()]
+        except OSError:
+            rows = []
+        lat = sorted(int(r[2]) for r in rows if r[1] == "200")
+        if len(lat) < len(rows):
+            out["errors"].append(f"{len(rows) - len(lat)} logged responses not 200")
+        for name, q in (("p50", .5), ("p95", .95), ("p99", .99), ("p999", .999)):
+            out[f"{name}_ms"] = lat[min(len(lat) - 1, int(q * len(lat)))] / 1000 if lat else None
 if out["rps"] == 0.0:
     out["errors"].append("no throughput reported")
 out["ok"] = not out["errors"]
