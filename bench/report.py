@@ -31,6 +31,11 @@ meta = {
 }
 
 
+# Rounds: each round measures Sluice once per workload it covers (bench/run's ROUNDS).
+rounds = max([sum(1 for r in runs if r["proxy"] == "sluice" and r["workload"] == w)
+              for w in {r["workload"] for r in runs}] or [0])
+
+
 def summary(proxy, workload, key):
     rs = [r for r in runs if r["proxy"] == proxy and r["workload"] == workload]
     if not rs:
@@ -139,7 +144,7 @@ ratios = {
 
 md = ["# Benchmark results", "", f"Command: `{meta['command']}` at commit `{meta['commit']}`.", "",
       f"Machine: {meta['machine']}. Proxy pinned to core 0, load generator and backend to core 1; one worker "
-      f"process/thread per proxy; {meta['duration_s']} s per run; 5 rounds, each running every proxy once per workload (after a 1 s warm-up), so the proxies take turns; median (min-max).", "",
+      f"process/thread per proxy; {meta['duration_s']} s per run; {rounds} round(s), each running every proxy once per workload (after a 1 s warm-up), so the proxies take turns; median (min-max).", "",
       f"Tools: {meta['nginx']}; {meta['haproxy']}; {meta['wrk']}; {meta['h2load']}.", "",
       "## Workload 1: HTTP/1.1 keep-alive through TLS termination (wrk -t1 -c50)", "",
       "| proxy | requests/s | p50 ms | p95 ms | p99 ms | p99.9 ms |", "|---|---|---|---|---|---|"]
@@ -198,5 +203,20 @@ for (proxy, hosts), ms in sorted(reloads.items()):
     md.append(f"| {proxy}: rewrite the file and reload, {hosts} hosts, {len(ms)} changes | median {statistics.median(ms):.0f} ms "
               f"(min {min(ms):.0f}, max {max(ms):.0f}) until traffic sees the change |")
 md.append("")
-open(out_prefix + ".md", "w").write("\n".join(md))
+
+
+def drop_empty_tables(lines):
+    """Leave out a section whose table has no rows (a run of some workloads only: ONLY=)."""
+    out, i = [], 0
+    while i < len(lines):
+        if lines[i].startswith("## ") and i + 4 < len(lines) and lines[i + 2].startswith("| ") \
+                and lines[i + 3].startswith("|---") and not lines[i + 4].startswith("|"):
+            i += 5  # heading, blank, header, separator, and the blank that follows
+            continue
+        out.append(lines[i])
+        i += 1
+    return out
+
+
+open(out_prefix + ".md", "w").write("\n".join(drop_empty_tables(md)))
 json.dump({"meta": meta, "runs": runs, "control": control, "ratios": ratios, "paired_ratios": paired_ratios}, open(out_prefix + ".json", "w"), indent=2)
