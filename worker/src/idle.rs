@@ -57,7 +57,7 @@ impl Activity {
 
 /// A monotonic clock in nanoseconds: Linux's `CLOCK_MONOTONIC_COARSE`.
 #[cfg(target_os = "linux")]
-mod coarse {
+pub(crate) mod coarse {
     use nix::sys::time::TimeSpec;
     use nix::time::{clock_getres, clock_gettime, ClockId};
     use std::sync::LazyLock;
@@ -89,7 +89,7 @@ mod coarse {
 
 /// A monotonic clock in nanoseconds: `Instant` elsewhere.
 #[cfg(not(target_os = "linux"))]
-mod coarse {
+pub(crate) mod coarse {
     use std::sync::LazyLock;
     use std::time::Instant;
 

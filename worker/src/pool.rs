@@ -24,7 +24,7 @@ use foldhash::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -74,7 +74,37 @@ impl Reusable for crate::upstream_h1::Conn {
 
 struct Idle<C> {
     conn: C,
-    since: Instant,
+    since: Stamp,
+}
+
+/// When a connection went idle, by the kernel's coarse monotonic clock
+/// ([`crate::idle::coarse`]), in nanoseconds. The idle timeouts are seconds long and the
+/// coarse clock's tick (1-10 ms) does not matter to them; reading it reads no hardware counter,
+/// where `Instant::now` does, and the pool reads the clock twice per request (a check-out and a
+/// check-in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Stamp(u64);
+
+impl Stamp {
+    fn now() -> Stamp {
+        Stamp(crate::idle::coarse::now_ns())
+    }
+
+    /// How long from `earlier` to `self` (zero if `earlier` is later).
+    fn since(self, earlier: Stamp) -> Duration {
+        Duration::from_nanos(self.0.saturating_sub(earlier.0))
+    }
+}
+
+impl std::ops::Sub<Duration> for Stamp {
+    type Output = Stamp;
+
+    fn sub(self, d: Duration) -> Stamp {
+        Stamp(
+            self.0
+                .saturating_sub(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        )
+    }
 }
 
 /// The pool: hyper client connections, or this worker's own HTTP/1.1 connections
@@ -105,7 +135,7 @@ impl<C: Reusable> Pool<C> {
         let list = idle.get_mut(key)?;
         while let Some(mut c) = list.pop_back() {
             // Everything older is older still: expired too.
-            if c.since.elapsed() >= IDLE_TIMEOUT {
+            if Stamp::now().since(c.since) >= IDLE_TIMEOUT {
                 list.clear();
                 break;
             }
@@ -119,11 +149,11 @@ impl<C: Reusable> Pool<C> {
 
     /// Put an idle connection ready for its next request into the pool.
     pub fn insert(&self, key: PoolKey, conn: C) {
-        self.insert_at(key, conn, Instant::now());
+        self.insert_at(key, conn, Stamp::now());
     }
 
     /// [`Pool::insert`] of a connection idle since `now` (tests put in older ones).
-    fn insert_at(&self, key: PoolKey, conn: C, now: Instant) {
+    fn insert_at(&self, key: PoolKey, conn: C, now: Stamp) {
         // Declared before the lock, so the closed connections are dropped after it is released.
         let mut closed = Vec::new();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -146,8 +176,12 @@ impl<C: Reusable> Pool<C> {
     /// Close the connections the limits say are over, on every server, and forget servers
     /// left with none (their hosts may be gone).
     pub fn sweep(&self) {
+        self.sweep_at(Stamp::now());
+    }
+
+    /// [`Pool::sweep`] at `now` (tests choose it).
+    fn sweep_at(&self, now: Stamp) {
         let mut closed = Vec::new();
-        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|_, list| {
             trim(list, now, &mut closed);
@@ -177,9 +211,9 @@ impl<C: Reusable> Pool<C> {
 /// Take off the front (the longest idle) every connection past its time: [`IDLE_TIMEOUT`], or
 /// [`EXCESS_IDLE_TIMEOUT`] while more than [`MAX_IDLE_PER_SERVER`] wait, or at once beyond
 /// [`HARD_MAX_IDLE_PER_SERVER`]. The list is in the order the connections went idle.
-fn trim<C>(list: &mut VecDeque<Idle<C>>, now: Instant, closed: &mut Vec<C>) {
+fn trim<C>(list: &mut VecDeque<Idle<C>>, now: Stamp, closed: &mut Vec<C>) {
     while let Some(oldest) = list.front() {
-        let idle = now.saturating_duration_since(oldest.since);
+        let idle = now.since(oldest.since);
         let over = list.len() > HARD_MAX_IDLE_PER_SERVER
             || idle >= IDLE_TIMEOUT
             || (list.len() > MAX_IDLE_PER_SERVER && idle >= EXCESS_IDLE_TIMEOUT);
@@ -360,8 +394,14 @@ mod tests {
         }
     }
 
+    /// A clock reading at least twice the idle timeout after the clock's zero (the machine's
+    /// boot), so that "idle for the timeout" is a time that can have passed.
+    fn test_now() -> Stamp {
+        Stamp::now().max(Stamp(2 * IDLE_TIMEOUT.as_nanos() as u64))
+    }
+
     /// `n` connections, numbered in the order they went idle, all idle for `for_`.
-    fn idle_list(n: usize, for_: Duration, now: Instant) -> VecDeque<Idle<Fake>> {
+    fn idle_list(n: usize, for_: Duration, now: Stamp) -> VecDeque<Idle<Fake>> {
         (0..n)
             .map(|i| Idle {
                 conn: Fake(i),
@@ -372,7 +412,7 @@ mod tests {
 
     #[test]
     fn connections_beyond_the_limit_are_kept_a_while_then_the_oldest_close() {
-        let now = Instant::now();
+        let now = test_now();
         let mut closed = Vec::new();
         // Idle for a moment: a load around the limit gets them back, nothing closes.
         let mut list = idle_list(MAX_IDLE_PER_SERVER + 3, Duration::from_secs(1), now);
@@ -389,7 +429,7 @@ mod tests {
 
     #[test]
     fn connections_within_the_limit_wait_the_full_idle_timeout() {
-        let now = Instant::now();
+        let now = test_now();
         let mut closed = Vec::new();
         let mut list = idle_list(
             MAX_IDLE_PER_SERVER,
@@ -406,7 +446,7 @@ mod tests {
 
     #[test]
     fn beyond_the_hard_limit_the_oldest_closes_at_once() {
-        let now = Instant::now();
+        let now = test_now();
         let mut closed = Vec::new();
         let mut list = idle_list(HARD_MAX_IDLE_PER_SERVER + 2, Duration::ZERO, now);
         trim(&mut list, now, &mut closed);
@@ -417,7 +457,7 @@ mod tests {
     #[test]
     fn a_sweep_closes_what_no_request_came_back_for_and_forgets_emptied_servers() {
         let pool: Pool<Fake> = Pool::default();
-        let now = Instant::now();
+        let now = test_now();
         let other = PoolKey {
             address: Arc::from("127.0.0.1:2"),
             tls: None,
@@ -430,7 +470,7 @@ mod tests {
         pool.insert_at(other.clone(), Fake(4), now - IDLE_TIMEOUT);
         // Inserting trims too: only what was idle too long when the last one came back is gone.
         assert_eq!(pool.idle_count(), 2);
-        pool.sweep();
+        pool.sweep_at(now);
         assert_eq!(pool.idle_count(), 1);
         assert_eq!(pool.checkout(&key()), Some(Fake(3)));
         let idle = pool.idle.lock().expect("lock");

@@ -361,7 +361,6 @@ async fn handle(
     mut req: Request<ReqBody>,
     length_conflict: bool,
 ) -> Response<ResBody> {
-    let start = Instant::now();
     // Each request sees the snapshot in force when it arrives, never a mix.
     let rt = conn
         .worker
@@ -375,10 +374,12 @@ async fn handle(
     }
     .unwrap_or_else(|| HeaderValue::from_static(""));
     let name = host_name(authority.to_str().unwrap_or_default());
-    // The access line's fields are taken only when that line is enabled.
+    // The access line's fields, its start time included, are taken only when that line is
+    // enabled: reading the clock is not free either (see `pool::Stamp`).
     let logged =
         tracing::enabled!(target: "sluice_worker::access", tracing::Level::INFO).then(|| {
             (
+                Instant::now(),
                 req.method().clone(),
                 req.uri()
                     .path_and_query()
@@ -442,7 +443,7 @@ async fn handle(
     conn.worker
         .metrics
         .request(label, response.status().as_u16());
-    if let Some((method, path)) = logged {
+    if let Some((start, method, path)) = logged {
         tracing::info!(
             target: "sluice_worker::access",
             client = %conn.peer, host = %name, %method, %path, status = response.status().as_u16(),
@@ -949,9 +950,10 @@ async fn exchange_plain(
     use crate::upstream_h1::Error;
     let server = key.address.clone();
     let sent_at = Instant::now();
+    let deadline = tokio::time::Instant::from_std(sent_at) + conn.worker.response_timeout;
     let answered = conn
         .timers
-        .timeout(conn.worker.response_timeout, async {
+        .timeout_at(deadline, async {
             up.send(req, forward.fields(&req.headers)).await?;
             up.head(&req.method).await
         })
