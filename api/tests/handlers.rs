@@ -556,6 +556,76 @@ async fn every_v1_route_needs_the_admin_token() {
 
 // ---------------------------------------------------------------- ETags, dry run, versions
 
+/// Every kind of object answers its writes alike: 201 with `Location`, `ETag` and the new
+/// version; 200 on a replace; a dry-run delete 200 with no result and nothing removed; 204 with
+/// the new version on a delete, after which it is a 404 naming it.
+#[tokio::test]
+async fn each_kind_of_object_is_created_replaced_and_deleted_with_location_etag_and_version() {
+    let api = TestApi::new().await;
+    let (_, redmine, _) = api.seed().await;
+    let spare = |n: u32| {
+        json!({"name": format!("spare{n}"), "protocol": "http",
+            "servers": [{"address": "10.4.1.13:30080"}]})
+    };
+    let mut cert2 = cert_body("other", &["other.example"]);
+    cert2["name"] = json!("other2");
+    let cases = [
+        (
+            "certificates",
+            "certificate",
+            cert_body("other", &["other.example"]),
+            cert2,
+        ),
+        ("backends", "backend", spare(1), spare(2)),
+        (
+            "hosts",
+            "host",
+            host_body("spare.beerme", "terminate", &redmine),
+            host_body("spare2.beerme", "terminate", &redmine),
+        ),
+    ];
+    for (collection, singular, body, replacement) in cases {
+        let before = api.version().await;
+        let created = api.post(&format!("/v1/{collection}"), body).await;
+        assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+        let id = created.id();
+        let path = format!("/v1/{collection}/{id}");
+        assert_eq!(created.header("location"), path);
+        assert_eq!(
+            created.header("sluice-config-version"),
+            (before + 1).to_string()
+        );
+        assert_eq!(created.header("etag"), api.get(&path).await.header("etag"));
+
+        let replaced = api.put(&path, replacement).await;
+        assert_eq!(replaced.status, StatusCode::OK, "{}", replaced.body);
+        assert_eq!(replaced.header("location"), "");
+        assert_eq!(
+            replaced.header("sluice-config-version"),
+            (before + 2).to_string()
+        );
+        assert_eq!(replaced.body["id"], json!(id));
+        assert_eq!(replaced.header("etag"), api.get(&path).await.header("etag"));
+
+        let dry = api.delete(&format!("{path}?dry_run=true")).await;
+        assert_eq!(dry.status, StatusCode::OK, "{}", dry.body);
+        assert_eq!(dry.body["dry_run"], true);
+        assert_eq!(dry.body["result"], Value::Null);
+        assert_eq!(api.get(&path).await.status, StatusCode::OK);
+        assert_eq!(api.version().await, before + 2);
+
+        let deleted = api.delete(&path).await;
+        assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{}", deleted.body);
+        assert_eq!(
+            deleted.header("sluice-config-version"),
+            (before + 3).to_string()
+        );
+        let gone = api.get(&path).await;
+        gone.assert_problem(404, "");
+        assert_eq!(gone.body["detail"], format!("no {singular} has id {id}"));
+    }
+}
+
 #[tokio::test]
 async fn stale_if_match_is_412_and_current_one_succeeds() {
     let api = TestApi::new().await;

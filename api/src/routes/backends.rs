@@ -1,7 +1,6 @@
 //! `/v1/backends`: server pools, how to speak to them and how to check them.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -10,8 +9,10 @@ use sluice_shared::{Backend, BackendTls, Balance, HealthCheck, Protocol};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{etag_of, refuse_if_referenced, with_etag, write_response, DryRun};
-use crate::commit::{finish, Finish};
+use super::{
+    commit, etag_of, found, just_written, refuse_if_referenced, with_etag, DryRun, ObjectOut,
+    Written,
+};
 use crate::convert::{servers, ServerSpec};
 use crate::db::{now_text, Stored};
 use crate::error::{ApiError, Problem};
@@ -65,6 +66,10 @@ pub struct BackendOut {
     pub backend: Backend,
     pub created_at: String,
     pub updated_at: String,
+}
+
+impl ObjectOut for BackendOut {
+    const KIND: ObjectKind = ObjectKind::Backend;
 }
 
 impl From<Stored<Backend>> for BackendOut {
@@ -134,10 +139,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let stored = app.db.get_backend(id).await?.ok_or(ApiError::NotFound {
-        what: "backend",
-        id: id.to_string(),
-    })?;
+    let stored = found(app.db.get_backend(id).await?, "backend", id)?;
     Ok(with_etag(BackendOut::from(stored)))
 }
 
@@ -160,22 +162,9 @@ pub async fn create(
     let now = now_text();
     let mut tx = app.db.begin_write().await?;
     tx.upsert_backend(&backend, &now).await?;
-    let stored = tx
-        .get_backend(id)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("inserted row vanished"))?;
-    let how = Finish {
-        dry_run: params.dry_run,
-        subject: Some((ObjectKind::Backend, id)),
-        ..Finish::default()
-    };
-    let outcome = finish(tx, how).await?;
-    Ok(write_response(
-        StatusCode::CREATED,
-        &outcome,
-        Some(BackendOut::from(stored)),
-        Some(format!("/v1/backends/{id}")),
-    ))
+    let stored = just_written(tx.get_backend(id).await?)?;
+    let out = BackendOut::from(stored);
+    commit(tx, &params, id, Written::Created(out)).await
 }
 
 /// Replace a backend.
@@ -196,29 +185,13 @@ pub async fn update(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let mut tx = app.db.begin_write().await?;
-    let old = tx.get_backend(id).await?.ok_or(ApiError::NotFound {
-        what: "backend",
-        id: id.to_string(),
-    })?;
+    let old = found(tx.get_backend(id).await?, "backend", id)?;
     if_match.check(&etag_of(&BackendOut::from(old.clone())))?;
     let backend = input.into_backend(id, Some(&old.item))?;
     tx.upsert_backend(&backend, &now_text()).await?;
-    let stored = tx
-        .get_backend(id)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("updated row vanished"))?;
-    let how = Finish {
-        dry_run: params.dry_run,
-        subject: Some((ObjectKind::Backend, id)),
-        ..Finish::default()
-    };
-    let outcome = finish(tx, how).await?;
-    Ok(write_response(
-        StatusCode::OK,
-        &outcome,
-        Some(BackendOut::from(stored)),
-        None,
-    ))
+    let stored = just_written(tx.get_backend(id).await?)?;
+    let out = BackendOut::from(stored);
+    commit(tx, &params, id, Written::Replaced(out)).await
 }
 
 /// Delete a backend no host uses.
@@ -238,24 +211,9 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let mut tx = app.db.begin_write().await?;
-    let old = tx.get_backend(id).await?.ok_or(ApiError::NotFound {
-        what: "backend",
-        id: id.to_string(),
-    })?;
+    let old = found(tx.get_backend(id).await?, "backend", id)?;
     if_match.check(&etag_of(&BackendOut::from(old.clone())))?;
     refuse_if_referenced(&mut tx, ObjectKind::Backend, id, &old.item.name).await?;
     tx.delete(ObjectKind::Backend, id).await?;
-    let how = Finish {
-        dry_run: params.dry_run,
-        subject: Some((ObjectKind::Backend, id)),
-        deleting: true,
-        ..Finish::default()
-    };
-    let outcome = finish(tx, how).await?;
-    Ok(write_response::<BackendOut>(
-        StatusCode::NO_CONTENT,
-        &outcome,
-        None,
-        None,
-    ))
+    commit::<BackendOut>(tx, &params, id, Written::Deleted).await
 }

@@ -1,7 +1,6 @@
 //! `/v1/certificates`: certificate chains and their write-only private keys.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -12,8 +11,7 @@ use time::OffsetDateTime;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{etag_of, with_etag, write_response, DryRun};
-use crate::commit::{finish, Finish};
+use super::{commit, etag_of, found, just_written, with_etag, DryRun, ObjectOut, Written};
 use crate::db::{now_text, Stored};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::extract::{parse_id, ApiJson, IfMatch, WriteParams};
@@ -47,6 +45,10 @@ pub struct CertificateOut {
     pub updated_at: String,
     /// Things that work but may surprise (single-label wildcards, not yet valid).
     pub warnings: Vec<String>,
+}
+
+impl ObjectOut for CertificateOut {
+    const KIND: ObjectKind = ObjectKind::Certificate;
 }
 
 impl CertificateOut {
@@ -131,14 +133,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let stored = app
-        .db
-        .get_certificate(id)
-        .await?
-        .ok_or(ApiError::NotFound {
-            what: "certificate",
-            id: id.to_string(),
-        })?;
+    let stored = found(app.db.get_certificate(id).await?, "certificate", id)?;
     Ok(with_etag(CertificateOut::from_stored(&stored)?))
 }
 
@@ -169,23 +164,9 @@ pub async fn create(
     let mut tx = app.db.begin_write().await?;
     tx.put_key(&cert.key_sha256, key, &now).await?;
     tx.upsert_certificate(&cert, &now).await?;
-    let stored = tx
-        .get_certificate(cert.id)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("inserted row vanished"))?;
-    let how = Finish {
-        dry_run: params.dry_run,
-        subject: Some((ObjectKind::Certificate, cert.id)),
-        ..Finish::default()
-    };
-    let outcome = finish(tx, how).await?;
+    let stored = just_written(tx.get_certificate(cert.id).await?)?;
     let out = CertificateOut::from_stored(&stored)?;
-    Ok(write_response(
-        StatusCode::CREATED,
-        &outcome,
-        Some(out),
-        Some(format!("/v1/certificates/{}", cert.id)),
-    ))
+    commit(tx, &params, cert.id, Written::Created(out)).await
 }
 
 /// Replace a certificate (and optionally its key).
@@ -207,10 +188,7 @@ pub async fn update(
     check_input(&input, false)?;
     let now = now_text();
     let mut tx = app.db.begin_write().await?;
-    let old = tx.get_certificate(id).await?.ok_or(ApiError::NotFound {
-        what: "certificate",
-        id: id.to_string(),
-    })?;
+    let old = found(tx.get_certificate(id).await?, "certificate", id)?;
     if_match.check(&etag_of(&CertificateOut::from_stored(&old)?))?;
     let key_sha256 = match &input.key_pem {
         Some(key) => {
@@ -240,22 +218,9 @@ pub async fn update(
         key_pem: None,
     };
     tx.upsert_certificate(&cert, &now).await?;
-    let stored = tx
-        .get_certificate(id)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("updated row vanished"))?;
-    let how = Finish {
-        dry_run: params.dry_run,
-        subject: Some((ObjectKind::Certificate, id)),
-        ..Finish::default()
-    };
-    let outcome = finish(tx, how).await?;
-    Ok(write_response(
-        StatusCode::OK,
-        &outcome,
-        Some(CertificateOut::from_stored(&stored)?),
-        None,
-    ))
+    let stored = just_written(tx.get_certificate(id).await?)?;
+    let out = CertificateOut::from_stored(&stored)?;
+    commit(tx, &params, id, Written::Replaced(out)).await
 }
 
 /// Delete a certificate no host uses.
@@ -275,24 +240,9 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let mut tx = app.db.begin_write().await?;
-    let old = tx.get_certificate(id).await?.ok_or(ApiError::NotFound {
-        what: "certificate",
-        id: id.to_string(),
-    })?;
+    let old = found(tx.get_certificate(id).await?, "certificate", id)?;
     if_match.check(&etag_of(&CertificateOut::from_stored(&old)?))?;
     super::refuse_if_referenced(&mut tx, ObjectKind::Certificate, id, &old.item.name).await?;
     tx.delete(ObjectKind::Certificate, id).await?;
-    let how = Finish {
-        dry_run: params.dry_run,
-        subject: Some((ObjectKind::Certificate, id)),
-        deleting: true,
-        ..Finish::default()
-    };
-    let outcome = finish(tx, how).await?;
-    Ok(write_response::<CertificateOut>(
-        StatusCode::NO_CONTENT,
-        &outcome,
-        None,
-        None,
-    ))
+    commit::<CertificateOut>(tx, &params, id, Written::Deleted).await
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use sluice_shared::{Config, ConfigVersion};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{write_response, DryRun};
+use super::{found, write_response, DryRun};
 use crate::commit::{finish, Finish};
 use crate::db::{now_text, VersionRow};
 use crate::document::ConfigDocument;
@@ -134,10 +134,7 @@ pub async fn version(
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
     let v = parse_version(&raw)?;
-    let (row, config) = app.db.get_version(v).await?.ok_or(ApiError::NotFound {
-        what: "version",
-        id: v.to_string(),
-    })?;
+    let (row, config) = found(app.db.get_version(v).await?, "version", v)?;
     let mut resp = Json(VersionDetail {
         info: row.into(),
         config: config.redacted(),
@@ -162,10 +159,7 @@ pub async fn restore(
 ) -> Result<Response, ApiError> {
     let v = parse_version(&raw)?;
     let mut tx = app.db.begin_write().await?;
-    let (_, config) = tx.version(v).await?.ok_or(ApiError::NotFound {
-        what: "version",
-        id: v.to_string(),
-    })?;
+    let (_, config) = found(tx.version(v).await?, "version", v)?;
     for cert in &config.certificates {
         if tx.key_pem(&cert.key_sha256).await?.is_none() {
             return Err(ApiError::Conflict {
@@ -236,10 +230,7 @@ pub async fn rollout(
     Path(raw): Path<String>,
 ) -> Result<Json<Rollout>, ApiError> {
     let v = parse_version(&raw)?;
-    app.db.version_row(v).await?.ok_or(ApiError::NotFound {
-        what: "version",
-        id: v.to_string(),
-    })?;
+    found(app.db.version_row(v).await?, "version", v)?;
     let workers = app
         .db
         .rollout(v)

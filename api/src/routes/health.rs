@@ -68,15 +68,7 @@ pub fn overall<'a>(statuses: impl IntoIterator<Item = &'a str>) -> &'static str 
 }
 
 async fn backend_health(app: &AppState, id: Uuid) -> Result<BackendHealth, ApiError> {
-    let backend = app
-        .db
-        .get_backend(id)
-        .await?
-        .ok_or(ApiError::NotFound {
-            what: "backend",
-            id: id.to_string(),
-        })?
-        .item;
+    let backend = super::found(app.db.get_backend(id).await?, "backend", id)?.item;
     let names: HashMap<Uuid, String> = app
         .db
         .list_workers()

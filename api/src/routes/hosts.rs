@@ -1,7 +1,6 @@
 //! `/v1/hosts`: hostnames, how each is served (terminate or passthrough) and where it goes.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -10,8 +9,7 @@ use sluice_shared::{Host, Hostname, Mode, ProxyProtocol, RequestHeaders};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{etag_of, with_etag, write_response, DryRun};
-use crate::commit::{finish, Finish};
+use super::{commit, etag_of, found, just_written, with_etag, DryRun, ObjectOut, Written};
 use crate::db::{now_text, Stored, WriteTx};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::extract::{parse_id, ApiJson, IfMatch, WriteParams};
@@ -42,6 +40,10 @@ pub struct HostOut {
     pub host: Host,
     pub created_at: String,
     pub updated_at: String,
+}
+
+impl ObjectOut for HostOut {
+    const KIND: ObjectKind = ObjectKind::Host;
 }
 
 impl From<Stored<Host>> for HostOut {
@@ -125,10 +127,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let stored = app.db.get_host(id).await?.ok_or(ApiError::NotFound {
-        what: "host",
-        id: id.to_string(),
-    })?;
+    let stored = found(app.db.get_host(id).await?, "host", id)?;
     Ok(with_etag(HostOut::from(stored)))
 }
 
@@ -150,22 +149,9 @@ pub async fn create(
     let mut tx = app.db.begin_write().await?;
     let host = input.into_host(id, &mut tx).await?;
     tx.upsert_host(&host, &now_text()).await?;
-    let stored = tx
-        .get_host(id)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("inserted row vanished"))?;
-    let how = Finish {
-        dry_run: params.dry_run,
-        subject: Some((ObjectKind::Host, id)),
-        ..Finish::default()
-    };
-    let outcome = finish(tx, how).await?;
-    Ok(write_response(
-        StatusCode::CREATED,
-        &outcome,
-        Some(HostOut::from(stored)),
-        Some(format!("/v1/hosts/{id}")),
-    ))
+    let stored = just_written(tx.get_host(id).await?)?;
+    let out = HostOut::from(stored);
+    commit(tx, &params, id, Written::Created(out)).await
 }
 
 /// Replace a host.
@@ -186,29 +172,13 @@ pub async fn update(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let mut tx = app.db.begin_write().await?;
-    let old = tx.get_host(id).await?.ok_or(ApiError::NotFound {
-        what: "host",
-        id: id.to_string(),
-    })?;
+    let old = found(tx.get_host(id).await?, "host", id)?;
     if_match.check(&etag_of(&HostOut::from(old)))?;
     let host = input.into_host(id, &mut tx).await?;
     tx.upsert_host(&host, &now_text()).await?;
-    let stored = tx
-        .get_host(id)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("updated row vanished"))?;
-    let how = Finish {
-        dry_run: params.dry_run,
-        subject: Some((ObjectKind::Host, id)),
-        ..Finish::default()
-    };
-    let outcome = finish(tx, how).await?;
-    Ok(write_response(
-        StatusCode::OK,
-        &outcome,
-        Some(HostOut::from(stored)),
-        None,
-    ))
+    let stored = just_written(tx.get_host(id).await?)?;
+    let out = HostOut::from(stored);
+    commit(tx, &params, id, Written::Replaced(out)).await
 }
 
 /// Delete a host.
@@ -227,23 +197,8 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let mut tx = app.db.begin_write().await?;
-    let old = tx.get_host(id).await?.ok_or(ApiError::NotFound {
-        what: "host",
-        id: id.to_string(),
-    })?;
+    let old = found(tx.get_host(id).await?, "host", id)?;
     if_match.check(&etag_of(&HostOut::from(old)))?;
     tx.delete(ObjectKind::Host, id).await?;
-    let how = Finish {
-        dry_run: params.dry_run,
-        subject: Some((ObjectKind::Host, id)),
-        deleting: true,
-        ..Finish::default()
-    };
-    let outcome = finish(tx, how).await?;
-    Ok(write_response::<HostOut>(
-        StatusCode::NO_CONTENT,
-        &outcome,
-        None,
-        None,
-    ))
+    commit::<HostOut>(tx, &params, id, Written::Deleted).await
 }

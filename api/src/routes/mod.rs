@@ -1,5 +1,5 @@
-//! REST handlers, one module per resource, and the response helpers they share: ETags, the
-//! `Sluice-Config-Version` header, and the dry-run envelope.
+//! REST handlers, one module per resource, and the helpers they share: ETags, the
+//! `Sluice-Config-Version` header, the dry-run envelope, and how a write to one object ends.
 
 pub mod backends;
 pub mod certificates;
@@ -18,7 +18,13 @@ use sluice_shared::diff::Diff;
 use sluice_shared::ConfigVersion;
 use utoipa::ToSchema;
 
-use crate::commit::Outcome;
+use sluice_shared::validate::ObjectKind;
+use uuid::Uuid;
+
+use crate::commit::{finish, Finish, Outcome};
+use crate::db::WriteTx;
+use crate::error::ApiError;
+use crate::extract::WriteParams;
 
 /// Header carrying the configuration version a write produced (or the current one).
 pub static CONFIG_VERSION_HEADER: HeaderName = HeaderName::from_static("sluice-config-version");
@@ -81,6 +87,64 @@ pub fn write_response<T: Serialize>(
     resp
 }
 
+/// The representation of one kind of object (`BackendOut` shows backends): what a write to it
+/// answers with.
+pub trait ObjectOut: Serialize {
+    const KIND: ObjectKind;
+}
+
+/// What a write did to one backend, certificate or host, with the object as it now reads.
+pub enum Written<T> {
+    /// A new object: 201 with its `Location`.
+    Created(T),
+    /// A replaced one: 200.
+    Replaced(T),
+    /// A deleted one: 204.
+    Deleted,
+}
+
+/// End a write to one object: check the whole configuration, commit it as one new version (or
+/// roll it back for a dry run; problems are named by the object's own fields, and a delete's
+/// effects on other objects are conflicts) and answer.
+pub async fn commit<T: ObjectOut>(
+    tx: WriteTx<'_>,
+    params: &WriteParams,
+    id: Uuid,
+    written: Written<T>,
+) -> Result<Response, ApiError> {
+    let kind = T::KIND;
+    let how = Finish {
+        dry_run: params.dry_run,
+        subject: Some((kind, id)),
+        deleting: matches!(written, Written::Deleted),
+        ..Finish::default()
+    };
+    let outcome = finish(tx, how).await?;
+    let (status, result, location) = match written {
+        Written::Created(out) => {
+            let location = format!("/v1/{}/{id}", kind.collection());
+            (StatusCode::CREATED, Some(out), Some(location))
+        }
+        Written::Replaced(out) => (StatusCode::OK, Some(out), None),
+        Written::Deleted => (StatusCode::NO_CONTENT, None, None),
+    };
+    Ok(write_response(status, &outcome, result, location))
+}
+
+/// The object a path names, or 404 naming `what` (say "host") and the id.
+pub fn found<T>(row: Option<T>, what: &'static str, id: impl ToString) -> Result<T, ApiError> {
+    row.ok_or_else(|| ApiError::NotFound {
+        what,
+        id: id.to_string(),
+    })
+}
+
+/// The row a write just stored, read back in its transaction (it is there unless the database
+/// is broken).
+pub fn just_written<T>(row: Option<T>) -> Result<T, ApiError> {
+    row.ok_or_else(|| anyhow::anyhow!("the row just written cannot be read back").into())
+}
+
 /// A resource with its ETag header.
 pub fn with_etag<T: Serialize>(value: T) -> Response {
     let etag = etag_of(&value);
@@ -93,11 +157,11 @@ pub fn with_etag<T: Serialize>(value: T) -> Response {
 
 /// 409 naming the hosts that still refer to a backend or certificate.
 pub async fn refuse_if_referenced(
-    tx: &mut crate::db::WriteTx<'_>,
-    kind: sluice_shared::validate::ObjectKind,
-    id: uuid::Uuid,
+    tx: &mut WriteTx<'_>,
+    kind: ObjectKind,
+    id: Uuid,
     name: &str,
-) -> Result<(), crate::error::ApiError> {
+) -> Result<(), ApiError> {
     let hosts = tx.referrers(kind, id).await?;
     if hosts.is_empty() {
         return Ok(());
@@ -111,7 +175,7 @@ pub async fn refuse_if_referenced(
             )
         })
         .collect();
-    Err(crate::error::ApiError::Conflict {
+    Err(ApiError::Conflict {
         detail: format!(
             "{} `{name}` is still used by hosts: {}",
             kind.singular(),

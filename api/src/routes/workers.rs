@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::found;
 use crate::db::WorkerRow;
 use crate::error::{ApiError, Problem};
 use crate::extract::parse_id;
@@ -66,10 +67,7 @@ pub struct Replaced {
 }
 
 async fn load(app: &AppState, id: Uuid) -> Result<WorkerRow, ApiError> {
-    app.db.get_worker(id).await?.ok_or(ApiError::NotFound {
-        what: "worker",
-        id: id.to_string(),
-    })
+    found(app.db.get_worker(id).await?, "worker", id)
 }
 
 /// List workers.
