@@ -6,6 +6,8 @@ import statistics
 import subprocess
 import sys
 
+import ratios as ratios_of
+
 raw_path, control_path, out_prefix, duration, args = sys.argv[1:6]
 runs = [json.loads(line) for line in open(raw_path) if line.strip()]
 control = [json.loads(line) for line in open(control_path) if line.strip()]
@@ -94,21 +96,12 @@ def ratio(workload, key, higher_better=True):
 
 
 def paired(workload, key, higher_better=True):
-    """Sluice against the better of NGINX and HAProxy round by round: each round measures the
-    three in turn, so a drift in the machine's speed between rounds cancels out. The k-th run
-    of each proxy on a workload is from round k."""
-    vals = {p: [r.get(key) for r in runs if r["proxy"] == p and r["workload"] == workload]
-            for p in ("sluice", "nginx", "haproxy")}
-    rounds = [(s, n, h) for s, n, h in zip(*vals.values()) if None not in (s, n, h)]
-    if not rounds or any(r["proxy"] in vals and r["workload"] == workload and not r["ok"] for r in runs):
-        return None
-    pick = max if higher_better else min
-    per_round = [s / pick(n, h) for s, n, h in rounds if pick(n, h)]
+    """Sluice against the better of NGINX and HAProxy round by round (see ratios.py)."""
+    per_round = ratios_of.per_round(runs, workload, key, higher_better)
     if not per_round:
         return None
-    ahead = sum(1 for x in per_round if (x >= 1 if higher_better else x <= 1))
     return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round),
-            "rounds": len(per_round), "sluice_ahead": ahead}
+            "rounds": len(per_round), "sluice_ahead": ratios_of.ahead(per_round, higher_better)}
 
 
 paired_ratios = {
@@ -144,7 +137,7 @@ ratios = {
 
 md = ["# Benchmark results", "", f"Command: `{meta['command']}` at commit `{meta['commit']}`.", "",
       f"Machine: {meta['machine']}. Proxy pinned to core 0, load generator and backend to core 1; one worker "
-      f"process/thread per proxy; {meta['duration_s']} s per run; {rounds} round(s), each running every proxy once per workload (after a 1 s warm-up), so the proxies take turns; median (min-max).", "",
+      f"process/thread per proxy; {meta['duration_s']} s per run; {rounds} round(s), each running every proxy once per workload (after a 1 s warm-up), so the proxies take turns (the order turning by one each round); median (min-max).", "",
       f"Tools: {meta['nginx']}; {meta['haproxy']}; {meta['wrk']}; {meta['h2load']}.", "",
       "## Workload 1: HTTP/1.1 keep-alive through TLS termination (wrk -t1 -c50)", "",
       "| proxy | requests/s | p50 ms | p95 ms | p99 ms | p99.9 ms |", "|---|---|---|---|---|---|"]
