@@ -310,6 +310,9 @@ impl Db {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
+            // Deleted rows are overwritten with zeros, so a pruned private key does not stay
+            // readable in the file's free pages.
+            .pragma("secure_delete", "on")
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
@@ -415,6 +418,16 @@ impl Db {
     pub async fn get_version(&self, v: ConfigVersion) -> DbResult<Option<(VersionRow, Config)>> {
         version_snapshot(&self.pool, v).await
     }
+
+    /// Copy the write-ahead log into the database file and empty it, so the images of pages as
+    /// they were before a deletion are gone from both files. False when a reader still needed
+    /// the log and it could not be emptied.
+    pub async fn checkpoint(&self) -> DbResult<bool> {
+        let row = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>(0)? == 0)
+    }
 }
 
 /// The single write transaction. Dropping it without [`WriteTx::commit`] rolls back.
@@ -449,6 +462,37 @@ impl WriteTx<'_> {
                 .fetch_optional(&mut *self.tx)
                 .await?,
         )
+    }
+
+    /// The stored private keys: (sha256 of each, in order, that no certificate of the current
+    /// configuration uses; how many are in use).
+    pub async fn key_use(&mut self) -> DbResult<(Vec<String>, u64)> {
+        let unused = sqlx::query_scalar(
+            "SELECT sha256 FROM private_keys
+             WHERE sha256 NOT IN (SELECT key_sha256 FROM certificates) ORDER BY sha256",
+        )
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let used: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT key_sha256) FROM certificates")
+            .fetch_one(&mut *self.tx)
+            .await?;
+        Ok((unused, used as u64))
+    }
+
+    /// Delete the private keys no certificate of the current configuration uses.
+    pub async fn delete_unused_keys(&mut self) -> DbResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM private_keys WHERE sha256 NOT IN (SELECT key_sha256 FROM certificates)",
+        )
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Commit a write that makes no new version (one that changes no configuration).
+    pub async fn commit_unversioned(self) -> DbResult<()> {
+        self.tx.commit().await?;
+        Ok(())
     }
 
     /// Store a private key (idempotent: keys are content-addressed).

@@ -123,6 +123,10 @@ pub fn app(state: AppState) -> Router {
                 .layer::<_, std::convert::Infallible>(DefaultBodyLimit::max(config_limit)),
         )
         .route("/config/export", get(config::export))
+        .route(
+            "/config/prune-keys",
+            axum::routing::post(config::prune_keys),
+        )
         .route("/config/versions", get(config::history))
         .route("/config/versions/{version}", get(config::version))
         .route(

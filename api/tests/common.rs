@@ -85,6 +85,14 @@ impl TestApi {
         }
     }
 
+    /// The directory that holds the database files.
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir
+            .as_ref()
+            .expect("the first handle owns the directory")
+            .path()
+    }
+
     /// Another handle on the same API (the first one keeps the directory alive).
     pub fn wrap(state: AppState) -> TestApi {
         TestApi { state, _dir: None }

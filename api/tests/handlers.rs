@@ -797,6 +797,147 @@ async fn restore_commits_a_new_version_equal_to_the_old_one() {
     assert_eq!(api.version().await, 7);
 }
 
+/// Keys left behind by a deleted certificate and by a certificate given a new key are listed
+/// by a dry run (which removes nothing) and then pruned, with no new version; the current
+/// certificate's key stays and the worker snapshot still carries it; restoring a version that
+/// needed a pruned key is 409 naming that certificate; the pruned keys' text is gone from
+/// every database file while the kept key's is still found there.
+#[tokio::test]
+async fn unused_private_keys_are_pruned_and_scrubbed_from_the_database_files() {
+    let api = TestApi::new().await;
+    let a_body = cert_body("a", &["a.example"]);
+    let a = api.post("/v1/certificates", a_body.clone()).await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    let b_body = cert_body("b", &["b.example"]);
+    let b = api.post("/v1/certificates", b_body.clone()).await.id();
+    let with_both = api.version().await;
+    let first_a_key = api
+        .get(&format!("/v1/config/versions/{with_both}"))
+        .await
+        .body["config"]["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["key_sha256"].as_str().unwrap().to_owned())
+        .collect::<Vec<_>>();
+    // `a` gets a new key (and certificate); `b` is deleted.
+    let a2_body = cert_body("a", &["a.example"]);
+    let r = api
+        .put(&format!("/v1/certificates/{}", a.id()), a2_body.clone())
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        api.delete(&format!("/v1/certificates/{b}")).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let version = api.version().await;
+    let current_key = api
+        .get(&format!("/v1/config/versions/{version}"))
+        .await
+        .body["config"]["certificates"][0]["key_sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let anonymous = api
+        .raw(
+            Request::builder()
+                .method(Method::POST)
+                .uri("/v1/config/prune-keys")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    anonymous.assert_problem(401, "");
+    let dry = api
+        .post("/v1/config/prune-keys?dry_run=true", json!(null))
+        .await;
+    assert_eq!(dry.status, StatusCode::OK, "{}", dry.body);
+    let mut listed: Vec<String> = serde_json::from_value(dry.body["removed"].clone()).unwrap();
+    listed.sort();
+    let mut expected = first_a_key.clone();
+    expected.sort();
+    assert_eq!(
+        listed, expected,
+        "the keys of `a` before its replacement and of `b`"
+    );
+    assert_eq!(dry.body["kept"], 1);
+    assert_eq!(dry.body["dry_run"], true);
+    assert_eq!(dry.body["scrubbed"], false);
+    let restorable = api
+        .post(
+            &format!("/v1/config/versions/{with_both}/restore?dry_run=true"),
+            json!(null),
+        )
+        .await;
+    assert_eq!(
+        restorable.status,
+        StatusCode::OK,
+        "a dry run removed nothing: {}",
+        restorable.body
+    );
+
+    let pruned = api.post("/v1/config/prune-keys", json!(null)).await;
+    assert_eq!(pruned.status, StatusCode::OK, "{}", pruned.body);
+    assert_eq!(pruned.body["removed"].as_array().unwrap().len(), 2);
+    assert_eq!(pruned.body["kept"], 1);
+    assert_eq!(pruned.body["dry_run"], false);
+    assert_eq!(pruned.body["scrubbed"], true);
+    assert_eq!(
+        api.version().await,
+        version,
+        "pruning keys makes no version"
+    );
+    let again = api.post("/v1/config/prune-keys", json!(null)).await;
+    assert_eq!(again.body["removed"], json!([]));
+    assert_eq!(again.body["kept"], 1);
+
+    // What is in force is untouched: the worker snapshot still carries the current key.
+    let snap = api
+        .state
+        .db
+        .snapshot_with_keys(sluice_shared::ConfigVersion::try_from(version).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(snap.config.certificates[0].key_sha256, current_key);
+    assert!(snap.config.certificates[0].key_pem.is_some());
+    // A version that needed a pruned key cannot be restored.
+    let r = api
+        .call(
+            Method::POST,
+            &format!("/v1/config/versions/{with_both}/restore"),
+            None,
+        )
+        .await;
+    r.assert_problem(409, "");
+    let detail = r.body["detail"].as_str().unwrap();
+    assert!(detail.contains("is no longer stored"), "{detail}");
+    assert_eq!(api.version().await, version);
+
+    // The bytes: a line from the middle of each key's PEM, searched in every database file.
+    let files: Vec<Vec<u8>> = std::fs::read_dir(api.dir())
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    let found = |body: &Value| {
+        let pem = body["key_pem"].as_str().unwrap();
+        let line = pem.lines().nth(2).unwrap().as_bytes().to_vec();
+        files
+            .iter()
+            .any(|f| f.windows(line.len()).any(|w| w == line))
+    };
+    assert!(
+        found(&a2_body),
+        "the kept key is in the database (the search works)"
+    );
+    assert!(!found(&a_body), "the replaced key is gone from the files");
+    assert!(
+        !found(&b_body),
+        "the deleted certificate's key is gone from the files"
+    );
+}
+
 impl TestApi {
     async fn seed_backend_named(&self, name: &str) -> String {
         let all = self.get("/v1/backends").await.body;

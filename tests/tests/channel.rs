@@ -510,3 +510,72 @@ async fn ten_thousand_hosts_and_a_thousand_certificates_reach_every_worker() {
     }
     api.wait_applied(2, v).await;
 }
+
+/// A change that deletes a certificate (or gives one a new key) leaves the worker's state
+/// directory with only the keys in force: the delta is written as one full snapshot at once,
+/// where other deltas are journaled beside the last snapshot until 64 of them pile up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_certificates_key_leaves_the_workers_state_dir_with_the_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(&dir.path().join("api"), "127.0.0.1:0", HEARTBEAT);
+    let state = dir.path().join("w");
+    let w = Worker::start(&api.url(), &state, "edge-1", WORKER_TOKEN);
+    let add = |name: &'static str| {
+        let api = &api;
+        async move {
+            let (cert, key) = self_signed(&[&format!("{name}.example")]);
+            let body = json!({"name": name, "cert_pem": cert, "key_pem": key});
+            let (status, out) = api.http.post("/v1/certificates", body).await;
+            assert_eq!(status, 201, "{out}");
+            (out["id"].as_str().unwrap().to_owned(), key)
+        }
+    };
+    let stored = || {
+        let journal = std::fs::read_dir(&state)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("delta-")
+            })
+            .count();
+        let snapshot = sluice_worker::state::StateDir::open(&state)
+            .unwrap()
+            .load()
+            .unwrap();
+        (journal, snapshot)
+    };
+    let (a, _) = add("a").await;
+    w.wait_version(api.version().await).await;
+    // The next change reaches the settled worker as a delta, journaled.
+    let (_, key_b) = add("b").await;
+    let v = api.version().await;
+    w.wait_version(v).await;
+    let journaled = wait_for(Duration::from_secs(10), || async {
+        (stored().0 == 1).then_some(())
+    })
+    .await;
+    assert!(journaled.is_some(), "the delta adding `b` was journaled");
+
+    let (status, _) = api
+        .http
+        .send("DELETE", &format!("/v1/certificates/{a}"), None)
+        .await;
+    assert_eq!(status, 204);
+    let v = api.version().await;
+    w.wait_version(v).await;
+    let snapshot = wait_for(Duration::from_secs(10), || async {
+        match stored() {
+            (0, Some(s)) if s.version.get() == v => Some(s),
+            _ => None,
+        }
+    })
+    .await
+    .expect("one full snapshot of the new version and no journal");
+    let certificates = &snapshot.config.certificates;
+    assert_eq!(certificates.len(), 1, "{certificates:?}");
+    assert_eq!(certificates[0].name, "b");
+    assert_eq!(certificates[0].key_pem.as_deref(), Some(key_b.as_str()));
+}

@@ -280,6 +280,7 @@ async fn apply(worker: &Arc<Worker>, snapshot: Snapshot, received: Received) -> 
     let started = std::time::Instant::now();
     let now = crate::now_text();
     let previous = worker.current.load();
+    let before = previous.clone();
     let built = tokio::task::spawn_blocking(move || {
         runtime::build(snapshot, Source::Api, now, previous.as_deref())
     })
@@ -297,7 +298,13 @@ async fn apply(worker: &Arc<Worker>, snapshot: Snapshot, received: Received) -> 
                 Received::Full(frame) => crate::Persist::Full(version, frame),
                 Received::Delta(frame) => {
                     worker.metrics.delta_applied();
-                    crate::Persist::Delta(version, frame, rt)
+                    let forgets_a_key = before.as_deref().is_some_and(|b| rt.drops_a_key_of(b));
+                    crate::Persist::Delta {
+                        version,
+                        frame,
+                        runtime: rt,
+                        forgets_a_key,
+                    }
                 }
             });
             WorkerMessage::Ack { version, hash }

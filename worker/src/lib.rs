@@ -158,8 +158,15 @@ pub enum Persist {
     /// A full snapshot frame, as the API sent it.
     Full(sluice_shared::ConfigVersion, Frame),
     /// A delta frame, journaled after the last full one; `runtime` is what it produced (for
-    /// compacting a long journal into one snapshot).
-    Delta(sluice_shared::ConfigVersion, Frame, Arc<runtime::Runtime>),
+    /// compacting a long journal into one snapshot). A delta after which a private key is no
+    /// longer in force (`forgets_a_key`: a certificate deleted or re-keyed) is written as one
+    /// full snapshot at once, so the state directory holds only the keys in force.
+    Delta {
+        version: sluice_shared::ConfigVersion,
+        frame: Frame,
+        runtime: Arc<runtime::Runtime>,
+        forgets_a_key: bool,
+    },
 }
 
 /// Journal length at which the state directory gets a full snapshot instead.
@@ -171,14 +178,23 @@ async fn persist_loop(state: StateDir, mut rx: tokio::sync::mpsc::UnboundedRecei
         let state = state.clone();
         let saved = tokio::task::spawn_blocking(move || match what {
             Persist::Full(version, frame) => state.save_frame(&frame).map(|()| version),
-            Persist::Delta(version, frame, rt) => {
-                if state.append_delta(version, &frame)? >= MAX_JOURNAL {
+            Persist::Delta {
+                version,
+                frame,
+                runtime: rt,
+                forgets_a_key,
+            } => {
+                let journal = match forgets_a_key {
+                    true => MAX_JOURNAL,
+                    false => state.append_delta(version, &frame)?,
+                };
+                if journal >= MAX_JOURNAL {
                     state.save(&Snapshot {
                         version: rt.version,
                         hash: rt.hash.clone(),
                         config: rt.config_with_keys(),
                     })?;
-                    tracing::debug!(%version, "delta journal compacted into one snapshot");
+                    tracing::debug!(%version, forgets_a_key, "delta journal compacted into one snapshot");
                 }
                 Ok(version)
             }

@@ -99,6 +99,22 @@ impl Runtime {
         config
     }
 
+    /// Whether `previous` held a private key this runtime does not (a certificate deleted or
+    /// given a new key): the state directory should then stop holding it.
+    pub fn drops_a_key_of(&self, previous: &Runtime) -> bool {
+        let kept: foldhash::HashSet<&str> = self
+            .config
+            .certificates
+            .iter()
+            .map(|c| c.key_sha256.as_str())
+            .collect();
+        previous
+            .config
+            .certificates
+            .iter()
+            .any(|old| !kept.contains(old.key_sha256.as_str()))
+    }
+
     /// A backend by id (an index lookup: this is on every request's path).
     pub fn backend(&self, id: Uuid) -> Option<&Backend> {
         self.balancers.get(&id).map(|(b, _)| b)

@@ -1,4 +1,5 @@
-//! `/v1/config`: the current version, the version history, and restoring an old version.
+//! `/v1/config`: the current version, the version history, restoring an old version, and
+//! pruning the private keys no current certificate uses.
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -142,6 +143,63 @@ pub async fn version(
     .into_response();
     resp.headers_mut().insert(header::ETAG, version_etag(v));
     Ok(resp)
+}
+
+/// What pruning the stored private keys removed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PrunedKeys {
+    /// Set on a dry run: nothing was removed.
+    pub dry_run: bool,
+    /// sha256 of every key removed (or, on a dry run, that would be): keys no certificate of
+    /// the current configuration uses, left by deleted certificates and replaced keys. The
+    /// versions that used them can no longer be restored.
+    pub removed: Vec<String>,
+    /// Keys kept: those the current configuration's certificates use.
+    pub kept: u64,
+    /// Whether the database files were cleared of the removed keys' bytes as well (deleted
+    /// rows are overwritten with zeros and the write-ahead log is emptied). False on a dry run,
+    /// and when a long read kept the log from being emptied: pruning again clears it.
+    pub scrubbed: bool,
+}
+
+/// Remove the stored private keys no current certificate uses.
+///
+/// Private keys are kept after their certificate is deleted or given a new key, so that older
+/// versions can be restored. This removes every key the current configuration does not use
+/// (restoring a version that needs one answers 409 after it), and clears their bytes from the
+/// database files. It changes no configuration, so it makes no new version.
+#[utoipa::path(post, path = "/v1/config/prune-keys", tag = "config", operation_id = "prune_keys",
+    params(WriteParams),
+    responses((status = 200, body = PrunedKeys),
+              (status = 401, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn prune_keys(
+    State(app): State<AppState>,
+    params: WriteParams,
+) -> Result<Json<PrunedKeys>, ApiError> {
+    let mut tx = app.db.begin_write().await?;
+    let (removed, kept) = tx.key_use().await?;
+    if params.dry_run || removed.is_empty() {
+        // A dry run, or nothing to remove: the transaction is rolled back when dropped.
+        drop(tx);
+        let scrubbed = !params.dry_run && app.db.checkpoint().await?;
+        return Ok(Json(PrunedKeys {
+            dry_run: params.dry_run,
+            removed,
+            kept,
+            scrubbed,
+        }));
+    }
+    tx.delete_unused_keys().await?;
+    tx.commit_unversioned().await?;
+    let scrubbed = app.db.checkpoint().await?;
+    tracing::info!(removed = ?removed, kept, scrubbed, "pruned unused private keys");
+    Ok(Json(PrunedKeys {
+        dry_run: false,
+        removed,
+        kept,
+        scrubbed,
+    }))
 }
 
 /// Commit a new version whose configuration equals an older one.

@@ -95,3 +95,22 @@ fn refuses_mismatched_keys_hashes_and_missing_keys() {
         Err(BuildError::Invalid(_))
     ));
 }
+
+#[test]
+fn a_runtime_drops_a_key_when_a_certificate_is_rekeyed_or_gone() {
+    let first = seed(true);
+    let rt = build(first.clone(), Source::Api, "now".into(), None).unwrap();
+    let same = build(first.clone(), Source::Api, "now".into(), Some(&rt)).unwrap();
+    assert!(!same.drops_a_key_of(&rt), "the same keys");
+    // The same certificate with a new key pair.
+    let rekeyed = build(seed(true), Source::Api, "now".into(), Some(&rt)).unwrap();
+    assert!(rekeyed.drops_a_key_of(&rt));
+    // No certificate at all: nothing is dropped going from there, everything going to it.
+    let mut bare = first;
+    bare.config.hosts.clear();
+    bare.config.certificates.clear();
+    bare.hash = config_hash(&bare.config);
+    let bare = build(bare, Source::Api, "now".into(), Some(&rt)).unwrap();
+    assert!(bare.drops_a_key_of(&rt));
+    assert!(!rt.drops_a_key_of(&bare));
+}
