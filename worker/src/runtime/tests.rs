@@ -105,7 +105,7 @@ fn a_runtime_drops_a_key_when_a_certificate_is_rekeyed_or_gone() {
     // The same certificate with a new key pair.
     let rekeyed = build(seed(true), Source::Api, "now".into(), Some(&rt)).unwrap();
     assert!(rekeyed.drops_a_key_of(&rt));
-    // No certificate at all: nothing is dropped going from there, everything going to it.
+    // Going to a configuration without certificates drops every key; coming from one, none.
     let mut bare = first;
     bare.config.hosts.clear();
     bare.config.certificates.clear();
