@@ -35,12 +35,12 @@ def interval(values, level=0.90, draws=10_000):
 
 
 def main(paths):
-    results = [(p.rsplit("/", 1)[-1], json.load(open(p))["runs"]) for p in paths]
+    results = [json.load(open(p))["runs"] for p in paths]
     print("Sluice over the better of NGINX and HAProxy, rounds pooled from", len(results), "runs")
     print("(requests/s: above 1 is ahead; latency: below 1 is ahead)\n")
     for name, workload, key, higher in FIGURES:
         pooled, per_file = [], []
-        for label, runs in results:
+        for runs in results:
             r = ratios.per_round(runs, workload, key, higher)
             if r:
                 pooled += r
