@@ -56,11 +56,22 @@ wait_port() {
 render bench/configs/backend-nginx.conf "$WORK/backend.conf"
 taskset -c $LOAD_CORE nginx -c "$WORK/backend.conf" -p "$WORK"
 wait_port $BACKEND_PORT
+BACKEND_WORKERS=$(pgrep -P "$(cat "$WORK/backend.pid")" | tr '\n' ' ')
+# Context switches (voluntary and not) of these pids so far, from /proc.
+switches_of() { local t=0 p; for p in "$@"; do
+  t=$((t + $(awk '/ctxt_switches/ { n += $2 } END { print n + 0 }' "/proc/$p/status"))); done; echo $t; }
 
-# One measured run: prints a JSON line.
+# One measured run: prints a JSON line. With the backend's context switches per request: it
+# shares the load core with wrk, and each time it is woken it takes that core from wrk, which
+# then reads its responses late (see bench/HISTORY.md, 8 Dec).
 wrk_run() { # proxy url
-  local out; out=$(taskset -c $LOAD_CORE wrk -t1 -c50 -d${DUR}s --latency -s bench/latency.lua "$2" 2>&1 || true)
-  python3 bench/parse.py wrk "$1" <<<"$out"
+  local out s0 s1
+  # shellcheck disable=SC2086 # one pid per word
+  s0=$(switches_of $BACKEND_WORKERS)
+  out=$(taskset -c $LOAD_CORE wrk -t1 -c50 -d${DUR}s --latency -s bench/latency.lua "$2" 2>&1 || true)
+  # shellcheck disable=SC2086
+  s1=$(switches_of $BACKEND_WORKERS)
+  python3 bench/parse.py wrk "$1" --backend-switches=$((s1 - s0)) <<<"$out"
 }
 # h2load reports only the mean and spread of its request times; the percentiles come from its
 # per-request log (start, status, microseconds to the end of the response; no coordinated-omission

@@ -6,7 +6,10 @@ import sys
 
 # --log=FILE: h2load's per-request log (start, status, microseconds), for its percentiles
 logs = [a.removeprefix("--log=") for a in sys.argv if a.startswith("--log=")]
-argv = [a for a in sys.argv if not a.startswith("--log=")]
+# --backend-switches=N: the benchmark backend's context switches over a wrk run
+switches = [int(a.removeprefix("--backend-switches=")) for a in sys.argv
+            if a.startswith("--backend-switches=")]
+argv = [a for a in sys.argv if not a.startswith(("--log=", "--backend-switches="))]
 tool, proxy = argv[1], argv[2]
 text = sys.stdin.read()
 out = {"proxy": proxy, "tool": tool, "ok": True, "errors": []}
@@ -54,6 +57,9 @@ elif tool == "wrk":
     m = re.search(r"^sluice-bench p95_us (\d+) p999_us (\d+)$", text, re.M)
     if m:
         out["p95_ms"], out["p999_ms"] = int(m.group(1)) / 1000, int(m.group(2)) / 1000
+    m = re.search(r"^\s*(\d+) requests in", text, re.M)
+    if switches and m and int(m.group(1)):
+        out["backend_switches_per_req"] = switches[0] / int(m.group(1))
     out["errors"] += wrk_errors(text)
 else:
     m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", text)
