@@ -62,8 +62,8 @@ switches_of() { local t=0 p; for p in "$@"; do
   t=$((t + $(awk '/ctxt_switches/ { n += $2 } END { print n + 0 }' "/proc/$p/status"))); done; echo $t; }
 
 # One measured run: prints a JSON line. With the backend's context switches per request: it
-# shares the load core with wrk, and each time it is woken it takes that core from wrk, which
-# then reads its responses late (see bench/HISTORY.md, 8 Dec).
+# shares the load core with wrk, and when it is woken it can take that core from wrk, which then
+# reads its responses late (see bench/HISTORY.md, 8 Dec).
 wrk_run() { # proxy url
   local out s0 s1
   # shellcheck disable=SC2086 # one pid per word

@@ -144,8 +144,8 @@ md = ["# Benchmark results", "", f"Command: `{meta['command']}` at commit `{meta
       "| proxy | requests/s | p50 ms | p95 ms | p99 ms | p99.9 ms | backend switches per request |",
       "|---|---|---|---|---|---|---|"]
 md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "h1"]
-md += ["", "The backend shares the load core with wrk: each of its context switches is a sleep and a "
-       "wake-up, and a wake-up takes the core from wrk (bench/HISTORY.md, 8 Dec)."]
+md += ["", "The backend shares the load core with wrk: its context switches are mostly sleeps in epoll, "
+       "each ended by a wake-up that can take the core from wrk (bench/HISTORY.md, 8 Dec)."]
 md += ["", "## Workload 2: HTTP/2 through TLS termination (h2load -c 64 -m 10; percentiles from its per-request log)", "",
        "| proxy | requests/s | mean ms | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|---|"]
 md += [f"| {p} | {' | '.join(c)} |" for w, p, c in rows if w == "h2"]
