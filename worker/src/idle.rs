@@ -4,8 +4,8 @@
 //! timeout, so the connection can be closed (with a GOAWAY on HTTP/2) instead of being held
 //! open forever; [`HeadDeadline`] gives an HTTP/1.1 request head the header timeout from its
 //! first byte, so the two timeouts are separate (NGINX's `keepalive_timeout` and
-//! `client_header_timeout`); it also has each head scanned for a `Content-Length` beside a
-//! `Transfer-Encoding` ([`crate::head_scan`]), which the server then refuses.
+//! `client_header_timeout`); it also has the stream scanned for a head with a `Content-Length`
+//! beside a `Transfer-Encoding` ([`crate::request_scan`]), which the server then refuses.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::head_scan::LengthFields;
+use crate::request_scan::RequestScan;
 use crate::terminate::ResBody;
 
 /// When something last happened, cheap to update from any task: tunnels touch it for every
@@ -112,15 +112,16 @@ pub struct Requests {
     started: AtomicU64,
     /// The connection switched protocols (a WebSocket): its bytes are no longer HTTP/1.1.
     upgraded: AtomicBool,
-    /// The head being served had both `Content-Length` and `Transfer-Encoding`.
-    length_conflict: AtomicBool,
+    /// The first request (counted from 1) whose head had both `Content-Length` and
+    /// `Transfer-Encoding`; 0 for none.
+    length_conflict: AtomicU64,
     activity: Activity,
 }
 
 /// One request in flight, from its arrival until its response body has been sent whole (or
 /// the request was dropped).
 #[derive(Debug)]
-pub struct InFlight(Arc<Requests>);
+pub struct InFlight(Arc<Requests>, u64);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -134,21 +135,20 @@ impl InFlight {
     pub fn upgraded(&self) {
         self.0.upgraded.store(true, Ordering::Relaxed);
     }
+
+    /// Whether this request's head had both `Content-Length` and `Transfer-Encoding` (HTTP/1.1;
+    /// found by [`HeadDeadline`]'s scan before hyper hands the request over).
+    pub fn length_conflict(&self) -> bool {
+        self.0.length_conflict.load(Ordering::Relaxed) == self.1
+    }
 }
 
 impl Requests {
     /// A request has arrived.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.started.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
-    }
-
-    /// Whether the head of the request just taken had both `Content-Length` and
-    /// `Transfer-Encoding` (the flag is cleared: each head is scanned afresh).
-    pub fn take_length_conflict(&self) -> bool {
-        self.length_conflict.load(Ordering::Relaxed)
-            && self.length_conflict.swap(false, Ordering::Relaxed)
+        let started = self.started.fetch_add(1, Ordering::Relaxed) + 1;
+        InFlight(self.clone(), started)
     }
 
     /// Completes once no request has been in flight for `timeout`.
@@ -174,7 +174,8 @@ impl Requests {
 /// header timer cannot tell the two apart: it starts as soon as hyper waits for the next head.
 ///
 /// Cheap on the hot path: no clock read or timer unless a read comes back empty while a head
-/// is incomplete; the length scan looks at each head line's name only.
+/// is incomplete; the request scan looks at each head line's name and skips bodies by
+/// their framing.
 pub struct HeadDeadline<IO> {
     io: IO,
     requests: Arc<Requests>,
@@ -183,7 +184,7 @@ pub struct HeadDeadline<IO> {
     /// deadline once armed.
     head: Option<(u64, bool)>,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    lengths: LengthFields,
+    scan: RequestScan,
 }
 
 impl<IO> HeadDeadline<IO> {
@@ -196,7 +197,7 @@ impl<IO> HeadDeadline<IO> {
             timeout,
             head: Some((started, false)),
             timer: None,
-            lengths: LengthFields::default(),
+            scan: RequestScan::default(),
         }
     }
 }
@@ -210,27 +211,27 @@ impl<IO: AsyncRead + Unpin> AsyncRead for HeadDeadline<IO> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if this.requests.in_flight.load(Ordering::Relaxed) > 0
-            || this.requests.upgraded.load(Ordering::Relaxed)
-        {
+        let upgraded = this.requests.upgraded.load(Ordering::Relaxed);
+        if buf.filled().len() > before && !upgraded && !this.scan.stopped() {
+            // Every byte, bodies and pipelined heads included, so that each head is found.
+            this.scan.feed(&buf.filled()[before..]);
+            if let Some(n) = this.scan.conflict() {
+                this.requests.length_conflict.store(n, Ordering::Relaxed);
+            }
+        }
+        if upgraded || this.requests.in_flight.load(Ordering::Relaxed) > 0 {
             // Serving: these bytes are a body or a pipelined request, not a head to time.
             this.head = None;
             return polled;
         }
         let started = this.requests.started.load(Ordering::Relaxed);
         match (&polled, &mut this.head) {
-            (Poll::Ready(Ok(())), head) if buf.filled().len() > before => {
-                if !matches!(head, Some((at, _)) if *at == started) {
-                    // The first bytes of a new head.
-                    *head = Some((started, false));
-                    this.lengths.reset();
-                }
-                if !this.lengths.ended() {
-                    this.lengths.feed(&buf.filled()[before..]);
-                    if this.lengths.both() {
-                        this.requests.length_conflict.store(true, Ordering::Relaxed);
-                    }
-                }
+            (Poll::Ready(Ok(())), head)
+                if buf.filled().len() > before
+                    && !matches!(*head, Some((at, _)) if at == started) =>
+            {
+                // The first bytes of a new head.
+                *head = Some((started, false));
             }
             (Poll::Pending, Some((at, _))) if *at != started => {
                 // That head became a request, served since: idle again.

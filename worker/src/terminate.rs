@@ -198,7 +198,7 @@ pub async fn serve(
             service_fn(move |req: Request<Incoming>| {
                 let conn = conn.clone();
                 let in_flight = requests.start();
-                let length_conflict = requests.take_length_conflict();
+                let length_conflict = in_flight.length_conflict();
                 Box::pin(async move {
                     let resp = handle(conn, req.map(ReqBody::Http1), length_conflict).await;
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
