@@ -479,6 +479,99 @@ mod tests {
         expect_every_cut(&stream, (None, true));
     }
 
+    /// A small deterministic generator (xorshift64*), for the randomized test below.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// Body bytes that look like the framing the scan looks for.
+    const TRICKY: &[u8] =
+        b"\r\n0\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+
+    /// One request of random framing (no body, sized, chunked with extensions and trailers),
+    /// its body drawn from [`TRICKY`] and letters.
+    fn random_request(rng: &mut Rng, out: &mut Vec<u8>) {
+        let body = |rng: &mut Rng, len: u64| -> Vec<u8> {
+            (0..len)
+                .map(|_| match rng.below(3) {
+                    0 => b'a' + rng.below(26) as u8,
+                    _ => TRICKY[rng.below(TRICKY.len() as u64) as usize],
+                })
+                .collect()
+        };
+        match rng.below(3) {
+            0 => out.extend_from_slice(b"GET /a HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n"),
+            1 => {
+                let len = rng.below(300);
+                let data = body(rng, len);
+                out.extend_from_slice(
+                    format!("PUT /s HTTP/1.1\r\ncontent-length: {}\r\n\r\n", data.len()).as_bytes(),
+                );
+                out.extend_from_slice(&data);
+            }
+            _ => {
+                out.extend_from_slice(
+                    b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\nHost: a\r\n\r\n",
+                );
+                for _ in 0..rng.below(4) {
+                    let len = 1 + rng.below(200);
+                    let data = body(rng, len);
+                    let ext = if rng.below(2) == 0 { "" } else { ";name=value" };
+                    out.extend_from_slice(format!("{:X}{ext}\r\n", data.len()).as_bytes());
+                    out.extend_from_slice(&data);
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b"0\r\n");
+                if rng.below(2) == 0 {
+                    out.extend_from_slice(b"Content-Length: 9\r\nX-Trailer: 1\r\n");
+                }
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+
+    #[test]
+    fn random_pipelines_cut_at_random_points_find_exactly_the_conflicting_head() {
+        let mut rng = Rng(0x5eed_1e55_c0ff_ee01);
+        for _ in 0..500 {
+            let requests = 1 + rng.below(6);
+            // The conflicting head's place (counted from 1), or none.
+            let conflict = rng.below(requests + 2);
+            let conflict = (conflict >= 1 && conflict <= requests).then_some(conflict);
+            let mut stream = Vec::new();
+            for n in 1..=requests {
+                if Some(n) == conflict {
+                    stream.extend_from_slice(SMUGGLED);
+                } else {
+                    random_request(&mut rng, &mut stream);
+                }
+            }
+            let mut s = RequestScan::default();
+            let mut rest = &stream[..];
+            while !rest.is_empty() {
+                let cut = 1 + rng.below(rest.len() as u64) as usize;
+                s.feed(&rest[..cut]);
+                rest = &rest[cut..];
+            }
+            assert_eq!(
+                (s.conflict(), s.stopped()),
+                (conflict, conflict.is_some()),
+                "{}",
+                String::from_utf8_lossy(&stream)
+            );
+        }
+    }
+
     #[test]
     fn an_unfinished_stream_waits_for_more() {
         let mut s = RequestScan::default();
