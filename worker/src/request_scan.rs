@@ -188,22 +188,20 @@ impl RequestScan {
                     &data[eol + 1..]
                 }
                 At::Sized(left) => {
-                    let n = left.min(data.len() as u64);
-                    self.at = if n == left {
-                        At::BeforeHead
-                    } else {
-                        At::Sized(left - n)
+                    let (rest, left) = skip(data, left);
+                    self.at = match left {
+                        0 => At::BeforeHead,
+                        left => At::Sized(left),
                     };
-                    &data[n as usize..]
+                    rest
                 }
                 At::ChunkData(left) => {
-                    let n = left.min(data.len() as u64);
-                    self.at = if n == left {
-                        At::ChunkDataCr
-                    } else {
-                        At::ChunkData(left - n)
+                    let (rest, left) = skip(data, left);
+                    self.at = match left {
+                        0 => At::ChunkDataCr,
+                        left => At::ChunkData(left),
                     };
-                    &data[n as usize..]
+                    rest
                 }
                 At::TrailerSkip => {
                     let Some(eol) = memchr::memchr(b'\n', data) else {
@@ -358,6 +356,12 @@ impl RequestScan {
         self.kept_len = 0;
         self.long = false;
     }
+}
+
+/// Skips up to `left` bytes of `data`: the bytes after them, and how many are still to skip.
+fn skip(data: &[u8], left: u64) -> (&[u8], u64) {
+    let n = left.min(data.len() as u64);
+    (&data[n as usize..], left - n)
 }
 
 /// A `Content-Length` value: digits only, as hyper accepts it.
