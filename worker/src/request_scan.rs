@@ -121,7 +121,8 @@ impl RequestScan {
         self.conflict
     }
 
-    /// The scan is unsure of the framing and looks at nothing more.
+    /// The scan looks at nothing more: a conflicting head was found (the connection closes
+    /// after its answer), or the scan is unsure of the framing from here on.
     pub fn stopped(&self) -> bool {
         self.at == At::Stopped
     }
